@@ -1,0 +1,114 @@
+"""Declarative request parameters: one place for types, ranges, defaults and the error messages.
+
+The handler validates a JSON body against a model's specs; `describe` lists the same specs
+for `GET /models/{name}?customized=true`, so documentation and enforcement cannot drift.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+MAX_SEED = 2**63 - 1
+
+
+class InvalidParameter(ValueError):
+    """A client error; `field` names the offending parameter (or parameters)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # int, float or str
+    default: Any = None  # None: optional, absent from the validated dict unless given
+    low: float | None = None
+    high: float | None = None
+    choices: Sequence[str] = ()
+    help: str = ""
+
+    def coerce(self, value: Any) -> Any:
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidParameter(self.name, f"must be an integer{self._range()}, got {value!r}")
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidParameter(self.name, f"must be a number{self._range()}, got {value!r}")
+            value = float(value)
+        elif self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise InvalidParameter(self.name, f"must be one of {list(self.choices)}, got {value!r}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise InvalidParameter(self.name, f"must be{self._range()}, got {value!r}")
+        return value
+
+    def _range(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        return f" in [{self.low}, {self.high}]"
+
+    def describe(self) -> dict:
+        d = {"type": {int: "integer", float: "number", str: "string"}[self.kind], "help": self.help}
+        if self.default is not None:
+            d["default"] = self.default
+        if self.low is not None:
+            d["min"] = self.low
+        if self.high is not None:
+            d["max"] = self.high
+        if self.choices:
+            d["choices"] = list(self.choices)
+        return d
+
+
+@dataclass(frozen=True)
+class ClassLabelParam(Param):
+    """A class given by name (case-insensitive) or by index; validates to the index."""
+
+    kind: type = str
+    choices: Sequence[str] = field(default_factory=tuple)
+
+    def coerce(self, value: Any) -> int:
+        names = [c.lower() for c in self.choices]
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            return value
+        if isinstance(value, str) and value.strip().lower() in names:
+            return names.index(value.strip().lower())
+        raise InvalidParameter(self.name, f"must be a class index in [0, {len(names) - 1}] or one of "
+                                          f"{list(self.choices)}, got {value!r}")
+
+    def describe(self) -> dict:
+        return {"type": "string or integer", "help": self.help, "choices": list(self.choices),
+                "min": 0, "max": len(self.choices) - 1}
+
+
+COMMON_PARAMS: tuple[Param, ...] = (
+    Param("n_images", int, 1, 1, 64, help="images to generate; more than one come back as a grid"),
+    Param("seed", int, None, 0, MAX_SEED, help="same seed and parameters give the same image; random if absent"),
+    Param("format", str, "png", choices=("png", "json"),
+          help="png: one PNG (a grid for n_images > 1); json: {'images': [base64 PNG, ...], ...}"),
+)
+
+
+def validate(body: Any, specs: Sequence[Param]) -> dict[str, Any]:
+    """Check a parsed JSON body against `specs`; returns every parameter with its default filled in."""
+    if not isinstance(body, dict):
+        raise InvalidParameter("body", f"must be a JSON object, got {type(body).__name__}")
+    by_name = {p.name: p for p in specs}
+    unknown = sorted(set(body) - set(by_name))
+    if unknown:
+        raise InvalidParameter(unknown[0], f"unknown parameter; accepted: {sorted(by_name)}")
+    out = {}
+    for p in specs:
+        if p.name in body and body[p.name] is not None:
+            out[p.name] = p.coerce(body[p.name])
+        elif p.default is not None:
+            out[p.name] = p.default
+    return out
+
+
+def describe(specs: Sequence[Param]) -> dict[str, dict]:
+    return {p.name: p.describe() for p in specs}

@@ -1,0 +1,191 @@
+"""Per-model pipelines: checkpoint -> network on a device -> images from validated parameters.
+
+The handler and the training scripts' sample grids both go through these, so a served
+image is produced exactly as the training run previewed it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from generators.checkpoint import load_checkpoint
+from generators.ebm import EnergyNet, EnergyNetConfig, LangevinConfig, initial_noise, langevin
+from generators.gan import GANConfig, Generator
+from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
+from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, describe
+from generators.schedulers import SCHEDULERS, make_scheduler
+from generators.unet import UNet, UNetConfig
+
+
+@torch.no_grad()
+def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: int, n: int,
+                     labels: torch.Tensor | None, guidance_scale: float,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """Reverse diffusion from pure noise; classifier-free guidance when labels are given and scale != 1."""
+    device = next(unet.parameters()).device
+    c = unet.config
+    scheduler = make_scheduler(sampler, alpha_bar)
+    scheduler.set_timesteps(steps)
+    x = torch.randn((n, c.in_channels, c.image_size, c.image_size), generator=generator).to(device)
+    guided = labels is not None and guidance_scale != 1.0
+    if labels is not None:
+        labels = labels.to(device)
+    for t in scheduler.timesteps:
+        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
+        if guided:
+            null = torch.full_like(labels, unet.null_class)
+            eps_cond, eps_uncond = unet(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                        torch.cat([labels, null])).chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        else:
+            eps = unet(x, t_batch, labels)
+        x = scheduler.step(eps, t, x, generator)
+    return x
+
+
+class Pipeline:
+    """Base: holds the config; subclasses declare parameters, bound the work, and sample."""
+
+    model_type = ""
+    max_work = 0  # bound on network evaluations x images per request; config["serving"]["max_work"] overrides
+    work_fields = "n_images"  # the parameters that the work bound is about, named in its error
+
+    def __init__(self, config: dict[str, Any], device: torch.device):
+        self.config = config
+        self.device = device
+        self.max_work = int(config.get("serving", {}).get("max_work", self.max_work))
+
+    def _prepare(self, module: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        module.load_state_dict(state_dict)
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def param_specs(self) -> list[Param]:
+        return list(COMMON_PARAMS)
+
+    def work(self, params: dict[str, Any]) -> int:
+        return params["n_images"]
+
+    def check_work(self, params: dict[str, Any]) -> None:
+        if self.work(params) > self.max_work:
+            raise InvalidParameter(self.work_fields, f"asks for {self.work(params)} image-evaluations; at most {self.max_work} "
+                                           f"per request (lower n_images or steps)")
+
+    def sample(self, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """(n_images, C, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "device": str(self.device),
+            "weights_sha256": self.config.get("weights_sha256"),
+            "training": self.config.get("training", {}),
+            "max_work_per_request": self.max_work,
+            "parameters": describe(self.param_specs()),
+        }
+
+
+class DiffusionPipeline(Pipeline):
+    model_type = "diffusion"
+    max_work = 64 * 50 * 2
+    work_fields = "n_images, steps"
+
+    def __init__(self, config, state_dict, device):
+        super().__init__(config, device)
+        self.unet = self._prepare(UNet(UNetConfig.from_dict(config["unet"])), state_dict)
+        self.alpha_bar = alphas_cumprod(ScheduleConfig(**config["schedule"]))
+        self.defaults = config["sampling"]
+        self.class_names = config.get("class_names", []) if self.unet.config.num_classes else []
+
+    def param_specs(self):
+        specs = super().param_specs() + [
+            Param("steps", int, self.defaults["steps"], 1, len(self.alpha_bar), help="denoising steps"),
+            Param("sampler", str, self.defaults["sampler"], choices=tuple(SCHEDULERS),
+                  help="ddpm: ancestral (stochastic); ddim: deterministic given the seed"),
+        ]
+        if self.class_names:
+            specs += [
+                ClassLabelParam("class_label", choices=tuple(self.class_names),
+                                help="CIFAR-10 class name or index; absent: unconditional"),
+                Param("guidance_scale", float, self.defaults["guidance_scale"], 0.0, 20.0,
+                      help="classifier-free guidance with class_label; 1 = plain conditional"),
+            ]
+        return specs
+
+    def _guided(self, params):
+        return "class_label" in params and params.get("guidance_scale", 1.0) != 1.0
+
+    def work(self, params):
+        return params["n_images"] * params["steps"] * (2 if self._guided(params) else 1)
+
+    def sample(self, params, generator):
+        n = params["n_images"]
+        labels = torch.full((n,), params["class_label"], dtype=torch.long) if "class_label" in params else None
+        return sample_diffusion(self.unet, self.alpha_bar, params["sampler"], params["steps"], n, labels,
+                                params.get("guidance_scale", 1.0), generator)
+
+
+class EBMPipeline(Pipeline):
+    model_type = "ebm"
+    max_work = 64 * 200
+    work_fields = "n_images, steps"
+
+    def __init__(self, config, state_dict, device):
+        super().__init__(config, device)
+        self.net_config = EnergyNetConfig(**config["energy_net"])
+        self.energy = self._prepare(EnergyNet(self.net_config), state_dict)
+        self.langevin = LangevinConfig(**config["langevin"])
+
+    def param_specs(self):
+        d = self.langevin
+        return super().param_specs() + [
+            Param("steps", int, d.steps, 1, 1000, help="Langevin steps from uniform noise"),
+            Param("step_size", float, d.step_size, 0.0, 100.0, help="gradient step size"),
+            Param("noise_scale", float, d.noise_scale, 0.0, 1.0, help="std of the Gaussian noise added per step"),
+        ]
+
+    def work(self, params):
+        return params["n_images"] * params["steps"]
+
+    def sample(self, params, generator):
+        settings = LangevinConfig(steps=params["steps"], step_size=params["step_size"],
+                                  noise_scale=params["noise_scale"], grad_clip=self.langevin.grad_clip)
+        x = initial_noise(params["n_images"], self.net_config, generator).to(self.device)
+        return langevin(self.energy, x, settings, generator)
+
+
+class GANPipeline(Pipeline):
+    model_type = "gan"
+    max_work = 64
+
+    def __init__(self, config, state_dict, device):
+        super().__init__(config, device)
+        self.generator = self._prepare(Generator(GANConfig(**config["gan"])), state_dict)
+
+    def param_specs(self):
+        k = self.generator.config.num_classes
+        return super().param_specs() + [Param("digit", int, None, 0, k - 1, help="digit to draw; absent: random")]
+
+    @torch.no_grad()
+    def sample(self, params, generator):
+        n, cfg = params["n_images"], self.generator.config
+        z = torch.randn((n, cfg.z_dim), generator=generator)
+        if "digit" in params:
+            labels = torch.full((n,), params["digit"], dtype=torch.long)
+        else:
+            labels = torch.randint(0, cfg.num_classes, (n,), generator=generator)
+        return self.generator(z.to(self.device), labels.to(self.device))
+
+
+PIPELINES: dict[str, type[Pipeline]] = {p.model_type: p for p in (DiffusionPipeline, EBMPipeline, GANPipeline)}
+
+
+def load_pipeline(checkpoint_dir: Path, device: torch.device | str = "cpu") -> Pipeline:
+    state_dict, config = load_checkpoint(checkpoint_dir)
+    model_type = config.get("model_type")
+    if model_type not in PIPELINES:
+        raise ValueError(f"{checkpoint_dir}: unknown model_type {model_type!r}")
+    return PIPELINES[model_type](config, state_dict, torch.device(device))

@@ -1,0 +1,87 @@
+"""Reverse-process step rules, each an object with `set_timesteps` and `step`.
+
+A scheduler only needs the training schedule's alpha_bar; it runs any subset of
+the training timesteps ("trailing" spacing, so the first step is always t=T-1).
+The predicted x_0 is clipped to the data range [-1, 1] at every step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise drawn on the generator's device (CPU), so a seed gives the same image on any device."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+class Scheduler:
+    name = "base"
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.num_train_timesteps = len(alphas_cumprod)
+        self.timesteps: list[int] = []
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        T = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be in 1..{T}")
+        step = T / num_inference_steps
+        self.timesteps = [round(T - i * step) - 1 for i in range(num_inference_steps)]
+
+    def _alphas(self, t: int) -> tuple[float, float]:
+        """alpha_bar at t and at the next (earlier) timestep in the sequence; 1.0 after the last."""
+        i = self.timesteps.index(t)
+        prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+        a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else 1.0
+        return float(self.alphas_cumprod[t]), a_prev
+
+    @staticmethod
+    def _x0_and_eps(x: torch.Tensor, eps: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+        return x0, (x - a**0.5 * x0) / (1 - a) ** 0.5
+
+    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDIMScheduler(Scheduler):
+    """Song et al. 2021. eta=0 is deterministic; eta=1 matches ancestral sampling's noise level."""
+
+    name = "ddim"
+
+    def __init__(self, alphas_cumprod: torch.Tensor, eta: float = 0.0):
+        super().__init__(alphas_cumprod)
+        self.eta = eta
+
+    def step(self, eps, t, x, generator=None):
+        a, a_prev = self._alphas(t)
+        x0, eps = self._x0_and_eps(x, eps, a)
+        sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * _randn_like(x, generator)
+        return x_prev
+
+
+class DDPMScheduler(Scheduler):
+    """Ancestral sampling from the posterior q(x_prev | x_t, x_0) of the (respaced) chain, Ho et al. 2020."""
+
+    name = "ddpm"
+
+    def step(self, eps, t, x, generator=None):
+        a, a_prev = self._alphas(t)
+        x0, _ = self._x0_and_eps(x, eps, a)
+        beta = 1 - a / a_prev
+        mean = (a_prev**0.5 * beta / (1 - a)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)) * x
+        if a_prev >= 1.0:
+            return mean
+        variance = beta * (1 - a_prev) / (1 - a)
+        return mean + variance**0.5 * _randn_like(x, generator)
+
+
+SCHEDULERS: dict[str, type[Scheduler]] = {cls.name: cls for cls in (DDPMScheduler, DDIMScheduler)}
+
+
+def make_scheduler(name: str, alphas_cumprod: torch.Tensor) -> Scheduler:
+    return SCHEDULERS[name](alphas_cumprod)

@@ -1,0 +1,182 @@
+"""What the three training scripts share: options, resumable state, EMA, progress and logs."""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from generators.checkpoint import atomic_write_bytes
+from generators.imaging import save_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_parser(description: str, model: str, dataset: str, **defaults: Any) -> argparse.ArgumentParser:
+    """Options every training script takes; `defaults` overrides per-script values."""
+    from training.data import DEFAULT_PATHS
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_PATHS[dataset], help="Keras-layout .npz archive")
+    p.add_argument("--out", type=Path, default=ROOT / "checkpoints" / model, help="served checkpoint directory")
+    p.add_argument("--state-dir", type=Path, default=ROOT / "runs" / model,
+                   help="full training state, samples and log (git-ignored)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --state-dir, or warm-start from --out's weights if no state is there")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly and save after this long")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this total step count")
+    p.add_argument("--batch-size", type=int, default=defaults.pop("batch_size", 64))
+    p.add_argument("--lr", type=float, default=defaults.pop("lr", 2e-4))
+    p.add_argument("--ema-decay", type=float, default=defaults.pop("ema_decay", 0.999))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=defaults.pop("sample_every", 1000))
+    p.add_argument("--save-every", type=int, default=defaults.pop("save_every", 500))
+    if defaults:
+        raise TypeError(f"unknown defaults {sorted(defaults)}")
+    return p
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+class TrainingRun:
+    """Step counting, deadline, progress bar, JSONL log and atomic save/resume of full training state.
+
+    `objects` maps names to things with state_dict/load_state_dict (models, optimizers, EMA).
+    """
+
+    STATE_NAME = "state.pt"
+
+    def __init__(self, args: argparse.Namespace, objects: dict[str, Any]):
+        self.args = args
+        self.objects = objects
+        self.state_dir: Path = args.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+        self.started = time.monotonic()
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self._bar: tqdm | None = None
+        self._last_time = time.monotonic()
+        self._last_step = 0
+
+    # ---- state
+    def save_state(self) -> None:
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        state.update(step=self.step, torch_rng=torch.get_rng_state(), data_rng=self.generator.get_state())
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.state_dir / self.STATE_NAME, buffer.getvalue())
+
+    def try_resume(self) -> bool:
+        """Load full training state if present; returns False when there is none."""
+        path = self.state_dir / self.STATE_NAME
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["data_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._last_step = self.step
+        return True
+
+    # ---- loop control
+    def done(self) -> bool:
+        if self.args.max_steps is not None and self.step >= self.args.max_steps:
+            return True
+        if self.args.max_minutes is not None and time.monotonic() - self.started > 60 * self.args.max_minutes:
+            return True
+        return False
+
+    def progress(self, **metrics: float) -> None:
+        """Advance one step; update the bar, and every log_every steps append a log line."""
+        if self._bar is None:
+            self._bar = tqdm(initial=self.step, total=self.args.max_steps, dynamic_ncols=True, mininterval=5)
+        self.step += 1
+        self._bar.update(1)
+        if self.step % self.args.log_every == 0:
+            now = time.monotonic()
+            rate = (self.step - self._last_step) / max(now - self._last_time, 1e-9)
+            self._last_time, self._last_step = now, self.step
+            record = {"step": self.step, "steps_per_hour": round(3600 * rate), **{k: round(float(v), 5) for k, v in metrics.items()}}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+            with open(self.state_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0
+
+    def save_samples(self, images: torch.Tensor) -> Path:
+        path = self.state_dir / "samples" / f"step_{self.step:07d}.png"
+        save_grid(images, path)
+        return path
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return pick_device(args.device)
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float | None) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+    optimizer.step()
+    return float(norm)
+
+
+def stamp(config: dict, run: TrainingRun, data_sha256: str, **extra: Any) -> dict:
+    """Add the training provenance every served config carries."""
+    return dict(config, training=dict(steps=run.step, data_sha256=data_sha256, batch_size=run.args.batch_size,
+                                      lr=run.args.lr, seed=run.args.seed, **extra))
+
+
+def checkpoint_exists(path: Path) -> bool:
+    return (Path(path) / "model.safetensors").exists() and (Path(path) / "config.json").exists()
+
+

@@ -1,0 +1,97 @@
+"""Train the class-conditional CIFAR-10 diffusion model (epsilon prediction, cosine schedule, Min-SNR).
+
+    python -m training.train_diffusion --max-minutes 120 --resume
+
+Writes full training state to --state-dir and the served EMA weights to --out
+(safetensors + config.json, including the sampler defaults serving starts from).
+"""
+from __future__ import annotations
+
+import torch
+
+from generators.checkpoint import load_checkpoint, save_checkpoint
+from generators.gaussian_diffusion import GaussianDiffusion, ScheduleConfig
+from generators.pipelines import sample_diffusion
+from generators.unet import UNet, UNetConfig
+from training.common import EMA, TrainingRun, base_parser, checkpoint_exists, clip_and_step, setup, stamp
+from training.data import ImageDataset
+
+parser = base_parser(__doc__, "diffusion", "cifar10", batch_size=64, lr=2e-4, ema_decay=0.999)
+parser.add_argument("--base-channels", type=int, default=32)
+parser.add_argument("--channel-mults", type=int, nargs="+", default=[1, 2, 2])
+parser.add_argument("--num-res-blocks", type=int, default=1)
+parser.add_argument("--attention-resolutions", type=int, nargs="*", default=[8])
+parser.add_argument("--dropout", type=float, default=0.1)
+parser.add_argument("--label-dropout", type=float, default=0.1, help="fraction of labels replaced by 'no class'")
+parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+parser.add_argument("--min-snr-gamma", type=float, default=5.0)
+parser.add_argument("--warmup-steps", type=int, default=500)
+parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--serve-sampler", default="ddim", help="sampler default written to the served config")
+parser.add_argument("--serve-steps", type=int, default=50)
+parser.add_argument("--serve-guidance", type=float, default=2.0)
+
+
+def served_config(args, unet_config: UNetConfig, schedule: ScheduleConfig, data: ImageDataset, run: TrainingRun) -> dict:
+    config = {
+        "model_type": "diffusion",
+        "unet": unet_config.to_dict(),
+        "schedule": schedule.to_dict(),
+        "sampling": {"sampler": args.serve_sampler, "steps": args.serve_steps, "guidance_scale": args.serve_guidance},
+        "class_names": data.class_names,
+    }
+    return stamp(config, run, data.sha256, ema_decay=args.ema_decay, label_dropout=args.label_dropout)
+
+
+def main() -> None:
+    args = parser.parse_args()
+    device = setup(args)
+    data = ImageDataset(args.data)
+    unet_config = UNetConfig(image_size=data.image_shape[1], in_channels=data.image_shape[0],
+                             base_channels=args.base_channels, channel_mults=tuple(args.channel_mults),
+                             num_res_blocks=args.num_res_blocks, attention_resolutions=tuple(args.attention_resolutions),
+                             dropout=args.dropout, num_classes=len(data.class_names))
+    schedule = ScheduleConfig(schedule=args.schedule, min_snr_gamma=args.min_snr_gamma)
+    diffusion = GaussianDiffusion(schedule)
+    model = UNet(unet_config).to(device)
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    run = TrainingRun(args, {"model": model, "ema": ema, "optimizer": optimizer})
+    if args.resume and not run.try_resume() and checkpoint_exists(args.out):
+        weights, config = load_checkpoint(args.out)
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        run.step = config["training"]["steps"]
+        print(f"warm start from {args.out} at step {run.step}")
+    print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, step {run.step}")
+
+    def export() -> None:
+        run.save_state()
+        save_checkpoint(args.out, ema.state_dict(), served_config(args, unet_config, schedule, data, run))
+
+    model.train()
+    while not run.done():
+        x, labels = data.batch(args.batch_size, run.generator, hflip=True)
+        x, labels = x.to(device), labels.to(device)
+        drop = torch.rand(len(labels), generator=run.generator).to(device) < args.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (run.step + 1) / args.warmup_steps)
+        loss = diffusion.training_loss(model, x, labels)
+        grad_norm = clip_and_step(model, optimizer, loss, args.grad_clip)
+        ema.update(model)
+        run.progress(loss=loss.item(), grad_norm=grad_norm)
+        if run.due(args.save_every):
+            export()
+        if run.due(args.sample_every):
+            labels = torch.arange(10).repeat_interleave(4) % unet_config.num_classes
+            images = sample_diffusion(ema.model, diffusion.alphas_cumprod, args.serve_sampler, args.serve_steps,
+                                      len(labels), labels, args.serve_guidance, torch.Generator().manual_seed(0))
+            print(f"samples: {run.save_samples(images)}")
+    export()
+    run.close()
+    print(f"saved {args.out} at step {run.step}")
+
+
+if __name__ == "__main__":
+    main()
