@@ -5,6 +5,7 @@ for `GET /models/{name}?customized=true`, so documentation and enforcement canno
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -112,3 +113,28 @@ def validate(body: Any, specs: Sequence[Param]) -> dict[str, Any]:
 
 def describe(specs: Sequence[Param]) -> dict[str, dict]:
     return {p.name: p.describe() for p in specs}
+
+
+EMPTY_BODY_HINT = ('send a JSON object such as {"n_images": 4} with the header Content-Type: application/json')
+
+
+def parse_request(request: dict[str, Any]) -> Any:
+    """One request as TorchServe hands it over -> its parsed JSON body.
+
+    TorchServe passes a JSON body already parsed under "body" (or "data"); anything it could not
+    parse arrives as bytes. Query-string or form fields arrive as other keys: they are refused, so a
+    parameter is never silently ignored.
+    """
+    raw = request.get("body", request.get("data"))
+    extra = sorted(k for k in request if k not in ("body", "data"))
+    if extra:
+        hint = "" if raw is not None else f"; {EMPTY_BODY_HINT}"
+        raise InvalidParameter(extra[0][:80], f"query-string and form fields are not accepted, only a JSON body{hint}")
+    if raw is None or (isinstance(raw, (bytes, bytearray)) and not raw.strip()):
+        raise InvalidParameter("body", f"is empty; {EMPTY_BODY_HINT}")
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            return json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidParameter("body", f"is not valid JSON ({e})") from None
+    return raw

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Command-line client for the generators on a running TorchServe (reads the token from key_file.json).
+
+    python scripts/client.py generate diffusion -p class_label=cat -p steps=50 --n-images 16 -o cats.png
+    python scripts/client.py generate gan -p digit=7 --format json -o sevens.json
+    python scripts/client.py scale ebm 2
+    python scripts/client.py describe diffusion
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.serving_api import ServerError, TorchServeClient  # noqa: E402
+
+
+def parse_value(text: str):
+    """`7` -> 7, `0.5` -> 0.5, `cat` -> "cat": JSON when it parses, else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inference-url", default="http://127.0.0.1:8080")
+    p.add_argument("--management-url", default="http://127.0.0.1:8081")
+    p.add_argument("--key-file", type=Path, default=Path("key_file.json"),
+                   help="TorchServe's key_file.json (written in the server's working directory)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="ask a model for images")
+    g.add_argument("model", help="diffusion, ebm or gan")
+    g.add_argument("--n-images", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--format", choices=["png", "json"])
+    g.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="model parameter, repeatable (see `describe`)")
+    g.add_argument("--version", help="model version (default: the server's default version)")
+    g.add_argument("-o", "--output", type=Path, required=True, help="file to write (PNG, or JSON with --format json)")
+
+    s = sub.add_parser("scale", help="set a model's worker count")
+    s.add_argument("model")
+    s.add_argument("workers", type=int)
+    s.add_argument("--version")
+
+    d = sub.add_parser("describe", help="status, workers, checkpoint identity and accepted parameters")
+    d.add_argument("model")
+    d.add_argument("--version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    client = TorchServeClient(args.inference_url, args.management_url, args.key_file)
+    try:
+        if args.command == "generate":
+            params = {k: v for k, v in (("n_images", args.n_images), ("seed", args.seed), ("format", args.format))
+                      if v is not None}
+            for item in args.param:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise SystemExit(f"--param needs KEY=VALUE, got {item!r}")
+                params[key] = parse_value(value)
+            response = client.generate(args.model, params, version=args.version)
+            args.output.write_bytes(response.content)
+            print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
+        elif args.command == "scale":
+            print(client.scale(args.model, args.workers, version=args.version)["status"])
+        elif args.command == "describe":
+            print(json.dumps(client.describe(args.model, version=args.version, customized=True), indent=2))
+    except ServerError as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The handler in-process, with TorchServe's own Context and metrics cache (no server)."""
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import ts
+from PIL import Image
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.metrics.metric_type_enum import MetricTypes
+
+from handlers.generator_handler import GeneratorHandler
+from tests.synthetic import tiny_checkpoint
+
+SHAPES = {"diffusion": (32, 32, "RGB"), "ebm": (32, 32, "RGB"), "gan": (28, 28, "L")}
+
+
+def make_context(model_dir: Path, n_requests: int) -> Context:
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    manifest = {"model": {"modelName": "test", "modelVersion": "1.0"}}
+    context = Context("test", str(model_dir), manifest, n_requests, None, "0.12.0", metrics=metrics,
+                      model_yaml_config={})
+    context.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
+    return context
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def loaded(request, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp(request.param)
+    tiny_checkpoint(model_dir / "checkpoint", request.param)
+    handler = GeneratorHandler()
+    handler.initialize(make_context(model_dir, 1))
+    return request.param, handler, model_dir
+
+
+def run(handler, model_dir, bodies):
+    context = make_context(model_dir, len(bodies))
+    outputs = handler.handle([{"body": b} for b in bodies], context)
+    statuses = [p.get_response_status_code() for p in context.request_processor]
+    headers = [p.get_response_headers() for p in context.request_processor]
+    return outputs, statuses, headers
+
+
+def test_batch_with_a_bad_request_answers_each_on_its_own(loaded):
+    model_type, handler, model_dir = loaded
+    outputs, statuses, headers = run(handler, model_dir, [{"n_images": 4, "seed": 1}, {"n_image": 4},
+                                                          b"not json", {"n_images": 1, "seed": 1}])
+    assert statuses == [200, 400, 400, 200]
+    w, h, mode = SHAPES[model_type]
+    grid = Image.open(io.BytesIO(outputs[0]))
+    assert grid.mode == mode and grid.size == (2 * w + 6, 2 * h + 6)
+    single = Image.open(io.BytesIO(outputs[3]))
+    assert single.size == (w, h)
+    assert headers[0]["content-type"] == "image/png" and headers[0]["X-Seed"] == "1"
+    assert outputs[1]["field"] == "n_image" and outputs[2]["field"] == "body"
+
+
+def test_same_seed_same_bytes_and_json_format(loaded):
+    _, handler, model_dir = loaded
+    outputs, statuses, _ = run(handler, model_dir, [{"seed": 7, "n_images": 2}, {"seed": 7, "n_images": 2},
+                                                    {"seed": 8, "n_images": 2},
+                                                    {"seed": 7, "n_images": 2, "format": "json"}])
+    assert statuses == [200] * 4
+    assert outputs[0] == outputs[1] != outputs[2]
+    body = outputs[3]
+    json.dumps(body)  # what TorchServe will do with it
+    assert body["seed"] == 7 and len(body["images"]) == 2
+    Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).verify()
+
+
+def test_work_cap_is_a_400(loaded):
+    _, handler, model_dir = loaded
+    handler.pipeline.max_work = 10
+    try:
+        outputs, statuses, _ = run(handler, model_dir, [{"n_images": 11}])
+    finally:
+        handler.pipeline.max_work = type(handler.pipeline).max_work
+    assert statuses == [400] and "n_images" in outputs[0]["field"]
+
+
+def test_metrics_are_recorded(loaded):
+    _, handler, model_dir = loaded
+    context = make_context(model_dir, 1)
+    handler.handle([{"body": {"n_images": 3}}], context)
+    assert context.metrics.get_metric("ImagesGenerated", MetricTypes.COUNTER) is not None
+    assert context.metrics.get_metric("SamplingTimePerImage", MetricTypes.GAUGE) is not None
+
+
+def test_describe_lists_device_identity_and_parameters(loaded):
+    model_type, handler, _ = loaded
+    info = handler.describe_handle()
+    assert info["model_type"] == model_type and info["device"] == "cpu"
+    assert len(info["weights_sha256"]) == 64 and info["training"]["steps"] == 0
+    assert info["parameters"]["n_images"] == {"type": "integer", "help": info["parameters"]["n_images"]["help"],
+                                              "default": 1, "min": 1, "max": 64}

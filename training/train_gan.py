@@ -1,0 +1,82 @@
+"""Train the class-conditional MNIST GAN: hinge loss, spectral-norm projection discriminator, EMA generator.
+
+    python -m training.train_gan --max-minutes 30 --resume
+
+Writes full training state to --state-dir and the served (EMA) generator to --out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from generators.checkpoint import load_checkpoint, save_checkpoint
+from generators.gan import Discriminator, GANConfig, Generator
+from training.common import EMA, TrainingRun, base_parser, checkpoint_exists, setup, stamp
+from training.data import ImageDataset
+
+parser = base_parser(__doc__, "gan", "mnist", batch_size=128, lr=2e-4, ema_decay=0.999, sample_every=500)
+parser.add_argument("--z-dim", type=int, default=64)
+parser.add_argument("--g-channels", type=int, default=64)
+parser.add_argument("--d-channels", type=int, default=64)
+parser.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], help="Adam betas for G and D")
+
+
+def main() -> None:
+    args = parser.parse_args()
+    device = setup(args)
+    data = ImageDataset(args.data)
+    config = GANConfig(z_dim=args.z_dim, num_classes=len(data.class_names), g_channels=args.g_channels,
+                       d_channels=args.d_channels)
+    gen, disc = Generator(config).to(device), Discriminator(config).to(device)
+    ema = EMA(gen, args.ema_decay)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=tuple(args.betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=tuple(args.betas))
+    run = TrainingRun(args, {"generator": gen, "discriminator": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
+    if args.resume and not run.try_resume() and checkpoint_exists(args.out):
+        weights, served = load_checkpoint(args.out)
+        gen.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        run.step = served["training"]["steps"]
+        print(f"warm start of the generator from {args.out} at step {run.step}; the discriminator starts fresh")
+    print(f"G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "
+          f"on {device}, step {run.step}")
+
+    def export() -> None:
+        run.save_state()
+        served = stamp({"model_type": "gan", "gan": config.to_dict(), "class_names": data.class_names}, run,
+                       data.sha256, ema_decay=args.ema_decay, epochs=round(run.step * args.batch_size / len(data), 2))
+        save_checkpoint(args.out, ema.state_dict(), served)
+
+    fixed_z = torch.randn((80, config.z_dim), generator=torch.Generator().manual_seed(0)).to(device)
+    fixed_labels = (torch.arange(80) % config.num_classes).to(device)
+    gen.train()
+    while not run.done():
+        real, labels = data.batch(args.batch_size, run.generator)
+        real, labels = real.to(device), labels.to(device)
+        z = torch.randn(len(real), config.z_dim, device=device)
+        fake = gen(z, labels)
+
+        d_loss = F.relu(1 - disc(real, labels)).mean() + F.relu(1 + disc(fake.detach(), labels)).mean()
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+
+        g_loss = -disc(fake, labels).mean()
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        ema.update(gen)
+
+        run.progress(d_loss=d_loss.item(), g_loss=g_loss.item())
+        if run.due(args.save_every):
+            export()
+        if run.due(args.sample_every):
+            with torch.no_grad():
+                print(f"samples: {run.save_samples(ema.model(fixed_z, fixed_labels))}")
+    export()
+    run.close()
+    print(f"saved {args.out} at step {run.step}")
+
+
+if __name__ == "__main__":
+    main()
