@@ -5,6 +5,7 @@
     python scripts/client.py generate gan -p digit=7 --format json -o sevens.json
     python scripts/client.py scale ebm 2
     python scripts/client.py describe diffusion
+    python scripts/client.py health
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("workers", type=int)
     s.add_argument("--version")
 
+    sub.add_parser("health", help="exit 0 when every registered model has a READY worker (a Docker healthcheck)")
+
     d = sub.add_parser("describe", help="status, workers, checkpoint identity and accepted parameters")
     d.add_argument("model")
     d.add_argument("--version")
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
         elif args.command == "scale":
             print(client.scale(args.model, args.workers, version=args.version)["status"])
+        elif args.command == "health":
+            return 0 if client.healthy() else 1
         elif args.command == "describe":
             print(json.dumps(client.describe(args.model, version=args.version, customized=True), indent=2))
     except ServerError as error:

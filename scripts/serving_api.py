@@ -58,6 +58,12 @@ class TorchServeClient:
         return self._request("GET", self.management_url + path, "management",
                              params={"customized": "true"} if customized else None).json()
 
+    def healthy(self) -> bool:
+        """Every registered model has at least one READY worker (`/ping` does not look at workers)."""
+        models = self._request("GET", self.management_url + "/models", "management").json()["models"]
+        return bool(models) and all(
+            any(w["status"] == "READY" for w in self.describe(m["modelName"])[0]["workers"]) for m in models)
+
     def scale(self, model: str, workers: int, version: str | None = None) -> dict:
         path = f"/models/{model}" + (f"/{version}" if version else "")
         return self._request("PUT", self.management_url + path, "management",

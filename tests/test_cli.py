@@ -1,0 +1,24 @@
+"""Every script answers --help with its options."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COMMANDS = {
+    "scripts/archive.py": "--register",
+    "scripts/client.py": "generate",
+    "-m training.train_diffusion": "--resume",
+    "-m training.train_ebm": "--langevin-steps",
+    "-m training.train_gan": "--max-minutes",
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help(command):
+    result = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert COMMANDS[command] in result.stdout
