@@ -5,6 +5,7 @@ import argparse
 import copy
 import io
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,21 @@ def base_parser(description: str, model: str, dataset: str, **defaults: Any) -> 
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and buffers."""
+    """Exponential moving average of a model's parameters and buffers.
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)), so early in a short run the
+    average is not dominated by the random initial weights.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - self.decay)
+            ema_p.lerp_(p.detach(), 1 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -86,6 +92,13 @@ class TrainingRun:
         self._bar: tqdm | None = None
         self._last_time = time.monotonic()
         self._last_step = 0
+        self._stop_requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        """Ctrl-C or kill: finish the current step, then save as at --max-minutes."""
+        self._stop_requested = True
 
     # ---- state
     def save_state(self) -> None:
@@ -115,6 +128,8 @@ class TrainingRun:
 
     # ---- loop control
     def done(self) -> bool:
+        if self._stop_requested:
+            return True
         if self.args.max_steps is not None and self.step >= self.args.max_steps:
             return True
         if self.args.max_minutes is not None and time.monotonic() - self.started > 60 * self.args.max_minutes:

@@ -79,7 +79,7 @@ def main() -> None:
             group["lr"] = args.lr * min(1.0, (run.step + 1) / args.warmup_steps)
         loss = diffusion.training_loss(model, x, labels)
         grad_norm = clip_and_step(model, optimizer, loss, args.grad_clip)
-        ema.update(model)
+        ema.update(model, run.step)
         run.progress(loss=loss.item(), grad_norm=grad_norm)
         if run.due(args.save_every):
             export()

@@ -65,7 +65,7 @@ def main() -> None:
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
-        ema.update(gen)
+        ema.update(gen, run.step)
 
         run.progress(d_loss=d_loss.item(), g_loss=g_loss.item())
         if run.due(args.save_every):
