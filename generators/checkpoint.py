@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -29,6 +29,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -39,19 +42,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def save_checkpoint(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     """Save served weights and their config; the config records the weights' sha256."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        digest = file_sha256(Path(tmp))
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    config = dict(config, weights_sha256=digest)
+    weights = save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
+    atomic_write_bytes(directory / WEIGHTS_NAME, weights)
+    config = dict(config, weights_sha256=hashlib.sha256(weights).hexdigest())
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
