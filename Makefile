@@ -9,10 +9,10 @@ ARCHIVES := $(foreach m,$(MODELS),model_store/$(m)-$(VERSION).mar)
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
 java:

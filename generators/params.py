@@ -121,20 +121,21 @@ EMPTY_BODY_HINT = ('send a JSON object such as {"n_images": 4} with the header C
 def parse_request(request: dict[str, Any]) -> Any:
     """One request as TorchServe hands it over -> its parsed JSON body.
 
-    TorchServe passes a JSON body already parsed under "body" (or "data"); anything it could not
-    parse arrives as bytes. Query-string or form fields arrive as other keys: they are refused, so a
-    parameter is never silently ignored.
+    TorchServe passes a JSON body already parsed under "body" (or "data"); a body it did not parse
+    arrives as bytes, or as str for text/* content types. Form fields (`curl -d` without a JSON
+    content type) arrive as other keys: they are refused, so a parameter is never silently ignored.
+    (TorchServe 0.12 drops query-string parameters before the handler sees them.)
     """
     raw = request.get("body", request.get("data"))
     extra = sorted(k for k in request if k not in ("body", "data"))
     if extra:
         hint = "" if raw is not None else f"; {EMPTY_BODY_HINT}"
         raise InvalidParameter(extra[0][:80], f"query-string and form fields are not accepted, only a JSON body{hint}")
-    if raw is None or (isinstance(raw, (bytes, bytearray)) and not raw.strip()):
+    if raw is None or (isinstance(raw, (bytes, bytearray, str)) and not raw.strip()):
         raise InvalidParameter("body", f"is empty; {EMPTY_BODY_HINT}")
-    if isinstance(raw, (bytes, bytearray)):
+    if isinstance(raw, (bytes, bytearray, str)):
         try:
-            return json.loads(bytes(raw).decode("utf-8"))
+            return json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InvalidParameter("body", f"is not valid JSON ({e})") from None
     return raw

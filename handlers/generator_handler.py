@@ -82,6 +82,9 @@ class GeneratorHandler(BaseHandler):
     def postprocess(self, results: list[tuple[dict, torch.Tensor] | Exception]) -> list[Any]:
         responses: list[Any] = []
         for idx, result in enumerate(results):
+            if not isinstance(result, tuple) or result[0]["format"] == "json":
+                # TorchServe sends no Content-Type unless the handler sets one.
+                self.context.set_response_content_type(idx, "application/json")
             if isinstance(result, InvalidParameter):
                 self.context.set_response_status(400, "Bad Request", idx)
                 responses.append({"code": 400, "field": result.field, "error": str(result)})

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generators.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint  # noqa: E402
 from generators.params import validate  # noqa: E402
 from generators.pipelines import load_pipeline  # noqa: E402
 from scripts.serving_api import TorchServeClient  # noqa: E402
@@ -50,6 +52,27 @@ def archive_name(model_name: str, version: str) -> str:
     return f"{model_name}-{version}.mar"
 
 
+def snapshot_checkpoint(source: Path, target: Path, attempts: int = 10) -> None:
+    """Copy a checkpoint that a training run may be rewriting, retrying until weights and config agree.
+
+    A save replaces the weights and then the config, so a reader can catch one without the other;
+    load_checkpoint's sha256 check tells, and the copy is simply taken again.
+    """
+    for _ in range(attempts):
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            if not (source / name).exists():
+                raise SystemExit(f"refusing {source}: no {name}")
+            shutil.copy2(source / name, target / name)
+        try:
+            load_checkpoint(target)
+            return
+        except ValueError:
+            time.sleep(1)
+    raise SystemExit(f"refusing {source}: weights do not match the sha256 in its {CONFIG_NAME}")
+
+
 def check_checkpoint(checkpoint: Path) -> str:
     """Load the checkpoint and sample one image with its defaults; returns its model_type."""
     try:
@@ -63,21 +86,27 @@ def check_checkpoint(checkpoint: Path) -> str:
     return pipeline.model_type
 
 
-def build_archive(checkpoint: Path, model_name: str, version: str, model_store: Path, model_config: Path) -> Path:
+def build_archive(checkpoint: Path, version: str, model_store: Path, model_name: str | None = None,
+                  model_config: Path | None = None) -> tuple[Path, str]:
+    """Snapshot and check the checkpoint, then write <model_store>/<name>-<version>.mar atomically.
+
+    Returns the archive's path and the model name it registers under.
+    """
     model_store.mkdir(parents=True, exist_ok=True)
-    target = model_store / archive_name(model_name, version)
     with tempfile.TemporaryDirectory(dir=model_store, prefix=".building-") as tmp:
         stage = Path(tmp) / "stage"
+        snapshot_checkpoint(checkpoint, stage / "checkpoint")
+        model_type = check_checkpoint(stage / "checkpoint")
+        model_name = model_name or model_type
+        model_config = model_config or ROOT / "handlers" / "model-config" / f"{model_type}.yaml"
+        target = model_store / archive_name(model_name, version)
         shutil.copytree(ROOT / "generators", stage / "generators", ignore=shutil.ignore_patterns("__pycache__"))
-        (stage / "checkpoint").mkdir()
-        for name in ("model.safetensors", "config.json"):
-            shutil.copy2(checkpoint / name, stage / "checkpoint" / name)
         subprocess.run([
             "torch-model-archiver", "--model-name", model_name, "--version", version, "--handler", str(HANDLER),
             "--extra-files", str(stage), "--config-file", str(model_config), "--export-path", tmp, "--force",
         ], check=True, env=_tool_env())
         (Path(tmp) / f"{model_name}.mar").replace(target)
-    return target
+    return target, model_name
 
 
 def _tool_env() -> dict:
@@ -91,10 +120,7 @@ def _tool_env() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model_type = check_checkpoint(args.checkpoint)
-    model_name = args.model_name or model_type
-    model_config = args.model_config or ROOT / "handlers" / "model-config" / f"{model_type}.yaml"
-    target = build_archive(args.checkpoint, model_name, args.version, args.model_store, model_config)
+    target, model_name = build_archive(args.checkpoint, args.version, args.model_store, args.model_name, args.model_config)
     print(f"wrote {target}")
     if args.register:
         client = TorchServeClient(management_url=args.management_url, key_file=args.key_file)

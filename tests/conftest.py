@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from generators.checkpoint import file_sha256
+from scripts.archive import snapshot_checkpoint
 from scripts.serving_api import TorchServeClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,27 +109,6 @@ def write_config(path: Path, overrides: dict[str, str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def snapshot_checkpoint(source: Path, target: Path, attempts: int = 20) -> dict[str, Any]:
-    """Copy a checkpoint that training may be rewriting; retry until weights and config agree."""
-    if not (source / "model.safetensors").exists() or not (source / "config.json").exists():
-        pytest.fail(f"{source} has no model.safetensors + config.json; train it first "
-                    f"(or set SERVING_TEST_CHECKPOINTS for a local debug run)")
-    for _ in range(attempts):
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        try:
-            for name in ("config.json", "model.safetensors"):
-                shutil.copy2(source / name, target / name)
-            config = json.loads((target / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            time.sleep(1)
-            continue
-        if config.get("weights_sha256") in (None, file_sha256(target / "model.safetensors")):
-            return config
-        time.sleep(1)  # caught between the two renames of a save
-    pytest.fail(f"could not take a consistent snapshot of {source}")
-
-
 def run_archive(checkpoint: Path, version: str, model_store: Path, *extra: str,
                 timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -186,7 +164,7 @@ def wait_ready(server: Server, timeout: float = STARTUP_TIMEOUT) -> None:
                 return
         time.sleep(1)
     pytest.fail(f"workers of {sorted(pending)} not READY after {timeout:.0f} s ({last_error})\n"
-                f"--- logs/model_log.log\n{server.log_tail()}")
+                f"--- logs/model_log.log\n{server.log_tail()}\n--- logs/ts_log.log\n{server.log_tail('ts_log.log', 30)}")
 
 
 def stop_server(server: Server) -> None:
@@ -241,7 +219,13 @@ def server(tmp_path_factory) -> Server:
     )
     server.model_store.mkdir()
     for m in MODELS:
-        server.configs[m] = snapshot_checkpoint(CHECKPOINTS / m, server.checkpoints[m])
+        if not (CHECKPOINTS / m / "config.json").exists():
+            pytest.fail(f"{CHECKPOINTS / m} has no checkpoint; train it first "
+                        f"(or set SERVING_TEST_CHECKPOINTS for a local debug run)")
+        # A frozen copy: the archives and the metadata checks must see the same weights, even while
+        # a training run keeps saving into checkpoints/.
+        snapshot_checkpoint(CHECKPOINTS / m, server.checkpoints[m])
+        server.configs[m] = json.loads((server.checkpoints[m] / "config.json").read_text())
     build_archives(server)
     write_config(root / "config.properties", {
         "inference_address": server.inference_url,

@@ -67,7 +67,9 @@ def test_body_must_be_an_object(body):
     ({"body": b"{not json"}, "body"),
     ({"body": b"\xff\xfe"}, "body"),
     ({'{"n_images": 4}': bytearray(b"")}, '{"n_images": 4}'),  # curl -d without a JSON content type
-    ({"body": {"n_images": 1}, "n_images": bytearray(b"3")}, "n_images"),  # query string
+    ({"body": {"n_images": 1}, "n_images": bytearray(b"3")}, "n_images"),  # a form field beside the body
+    ({"body": "  "}, "body"),
+    ({"body": "{oops"}, "body"),
 ])
 def test_parse_request_rejects(request_dict, field):
     with pytest.raises(InvalidParameter) as info:
@@ -78,3 +80,4 @@ def test_parse_request_rejects(request_dict, field):
 def test_parse_request_accepts_parsed_and_raw_json():
     assert parse_request({"body": {"n_images": 2}}) == {"n_images": 2}
     assert parse_request({"data": bytearray(b'{"n_images": 2}')}) == {"n_images": 2}
+    assert parse_request({"body": '{"n_images": 2}'}) == {"n_images": 2}  # text/plain

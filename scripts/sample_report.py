@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Render the README's sample grids and time sampling, straight from the committed checkpoints.
+
+    python scripts/sample_report.py            # writes docs/samples/*.png and docs/sampling_speed.json
+
+Uses the same pipelines the handler serves with, on the CPU, with a fixed seed. Timings are wall
+clock for one request of `n_images`, after one warm-up request, with the torch thread count given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from generators.imaging import save_grid  # noqa: E402
+from generators.params import validate  # noqa: E402
+from generators.pipelines import load_pipeline  # noqa: E402
+
+# (model, label, request parameters): the grids and timings the README shows.
+CASES = [
+    ("diffusion", "ddim-50-unconditional", {"n_images": 64, "sampler": "ddim", "steps": 50}),
+    ("diffusion", "ddim-50-classes-cfg2", {"n_images": 10, "sampler": "ddim", "steps": 50, "guidance_scale": 2.0}),
+    ("diffusion", "ddpm-100-unconditional", {"n_images": 64, "sampler": "ddpm", "steps": 100}),
+    ("ebm", "langevin-default", {"n_images": 64}),
+    ("gan", "random-digits", {"n_images": 64}),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def sample_case(pipeline, params: dict, seed: int) -> tuple[torch.Tensor, float]:
+    """One image per class when the case asks for classes; returns (images, seconds)."""
+    start = time.perf_counter()
+    if "guidance_scale" in params:
+        images = torch.cat([
+            pipeline.sample(validate(dict(params, n_images=1, class_label=c, seed=seed), pipeline.param_specs()),
+                            torch.Generator().manual_seed(seed + c))
+            for c in range(params["n_images"])])
+    else:
+        images = pipeline.sample(validate(dict(params, seed=seed), pipeline.param_specs()),
+                                 torch.Generator().manual_seed(seed))
+    return images, time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                          f"torch {torch.__version__}", "cases": []}
+    for model, label, params in CASES:
+        pipeline = load_pipeline(args.checkpoints / model, "cpu")
+        sample_case(pipeline, dict(params, n_images=1), args.seed)  # warm-up
+        images, seconds = sample_case(pipeline, params, args.seed)
+        path = args.out / "samples" / f"{model}-{label}.png"
+        save_grid(images, path)
+        n = len(images)
+        results["cases"].append({"model": model, "case": label, "parameters": params, "n_images": n,
+                                 "seconds": round(seconds, 3), "ms_per_image": round(1000 * seconds / n, 1),
+                                 "training_steps": pipeline.config["training"]["steps"],
+                                 "grid": str(path.relative_to(args.out.parent))})
+        print(f"{model:9s} {label:26s} {n:3d} images {seconds:7.2f} s  {1000 * seconds / n:8.1f} ms/image  -> {path}")
+    (args.out / "sampling_speed.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
