@@ -80,33 +80,27 @@ class GeneratorHandler(BaseHandler):
         return results
 
     def postprocess(self, results: list[tuple[dict, torch.Tensor] | Exception]) -> list[Any]:
-        responses: list[Any] = []
-        for idx, result in enumerate(results):
-            if not isinstance(result, tuple) or result[0]["format"] == "json":
-                # TorchServe sends no Content-Type unless the handler sets one.
-                self.context.set_response_content_type(idx, "application/json")
+        return [self._encode(idx, result) for idx, result in enumerate(results)]
+
+    def _encode(self, idx: int, result: tuple[dict, torch.Tensor] | Exception) -> Any:
+        """One response body; sets its status and headers (TorchServe sends no Content-Type unless set)."""
+        if isinstance(result, Exception):
+            self.context.set_response_content_type(idx, "application/json")
             if isinstance(result, InvalidParameter):
                 self.context.set_response_status(400, "Bad Request", idx)
-                responses.append({"code": 400, "field": result.field, "error": str(result)})
-                continue
-            if isinstance(result, Exception):
-                code = 507 if isinstance(result, MemoryError) else 500
-                self.context.set_response_status(code, "Sampling failed", idx)
-                responses.append({"code": code, "error": f"sampling failed: {type(result).__name__}"})
-                continue
-            params, images = result
-            pixels = to_uint8(images)
-            self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
-            if params["format"] == "json":
-                responses.append({
-                    "images": [base64.b64encode(encode_png(image)).decode("ascii") for image in pixels],
-                    "seed": params["seed"],
-                    "parameters": params,
-                })
-            else:
-                self.context.set_response_content_type(idx, "image/png")
-                responses.append(encode_png(grid(pixels)))
-        return responses
+                return {"code": 400, "field": result.field, "error": str(result)}
+            code = 507 if isinstance(result, MemoryError) else 500
+            self.context.set_response_status(code, "Sampling failed", idx)
+            return {"code": code, "error": f"sampling failed: {type(result).__name__}"}
+        params, images = result
+        pixels = to_uint8(images)
+        self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
+        if params["format"] == "json":
+            self.context.set_response_content_type(idx, "application/json")
+            return {"images": [base64.b64encode(encode_png(image)).decode("ascii") for image in pixels],
+                    "seed": params["seed"], "parameters": params}
+        self.context.set_response_content_type(idx, "image/png")
+        return encode_png(grid(pixels))
 
     def describe_handle(self) -> dict[str, Any]:
         model = (self.manifest or {}).get("model", {})

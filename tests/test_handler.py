@@ -56,6 +56,7 @@ def test_batch_with_a_bad_request_answers_each_on_its_own(loaded):
     assert single.size == (w, h)
     assert headers[0]["content-type"] == "image/png" and headers[0]["X-Seed"] == "1"
     assert outputs[1]["field"] == "n_image" and outputs[2]["field"] == "body"
+    assert headers[1]["content-type"] == "application/json"
 
 
 def test_same_seed_same_bytes_and_json_format(loaded):
