@@ -6,11 +6,13 @@
 
 Needs the classifier from training/train_classifier.py (cifar10 for diffusion and ebm, mnist for
 gan). FID is taken against N *training* images, because the generators learn the training split and
-a classifier trained on it puts real training images far from the test set. Read it against the
-references computed in the same space with the same N: real test vs train (the floor a generator
-that reproduced the training set would still pay), two disjoint sets of training images, and
-uniform noise. Class-conditional models are sampled N/10 per class with their default settings;
-the classifier's agreement with the asked class is `class_accuracy`.
+a classifier trained on it puts real training images far from the test set. Read it against
+references computed in the same space with the same N:
+- test vs train: unseen real images, so what a perfect generator of new images would score;
+- train vs train: other training images, what copying the training set would score;
+- noise vs train: uniform noise, where "nothing learned" lies.
+Class-conditional models are sampled N/10 per class with their default settings; the classifier's
+agreement with the asked class is `class_accuracy`.
 
 Writes a JSON (default: quality.json in the checkpoint directory) and prints one row of:
 | model | steps | FID | test vs train | train vs train | noise | class acc | IS-like | diversity | pixel std | N |
@@ -75,8 +77,8 @@ class Precomputed(nn.Module):
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two (N, d) feature sets."""
     metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]))
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
     return float(metric.compute())
 
 
@@ -106,7 +108,7 @@ def pixel_std(images: torch.Tensor) -> float:
 
 
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean())
+    return float((logits.argmax(dim=1) == labels).double().mean())
 
 
 # ---- images

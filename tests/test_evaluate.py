@@ -1,0 +1,119 @@
+"""The quality measurement: classifier training, the measures on known inputs, and evaluate.py end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from generators.checkpoint import load_checkpoint
+from tests.synthetic import CIFAR_CLASSES, tiny_checkpoint, write_npz
+from training import evaluate
+from training.classifiers import classify, load_classifier
+from training.evaluate import diversity, fid, inception_like, pixel_std
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28)}
+TINY = ["--stem", "4", "--widths", "8", "16", "--residual", "0", "1"]
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", module, "--threads", "1", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_classifier(dataset: str, directory: Path, *extra: str) -> subprocess.CompletedProcess:
+    data = directory / "data.npz"
+    if not data.exists():
+        write_npz(data, SHAPES[dataset], classes=CIFAR_CLASSES if dataset == "cifar10" else None)
+    return run("training.train_classifier", "--dataset", dataset, "--data", str(data), "--out", str(directory / "clf"),
+               "--state-dir", str(directory / "state"), "--epochs", "1", "--batch-size", "8", "--log-every", "1",
+               *TINY, *extra)
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory) -> dict[str, Path]:
+    """A tiny classifier per data set, trained for one epoch on 64 synthetic images."""
+    dirs = {}
+    for dataset in SHAPES:
+        dirs[dataset] = tmp_path_factory.mktemp(dataset)
+        train_classifier(dataset, dirs[dataset])
+    return dirs
+
+
+@pytest.mark.parametrize("dataset", sorted(SHAPES))
+def test_train_classifier_writes_loadable_checkpoint(classifiers, dataset):
+    directory = classifiers[dataset]
+    _, config = load_checkpoint(directory / "clf")
+    assert config["model_type"] == "classifier" and config["dataset"] == dataset
+    assert config["epochs"] == 1.0 and config["training"]["steps"] == 8  # 64 images / batch 8
+    assert 0.0 <= config["test_accuracy"] <= 1.0 and len(config["training"]["data_sha256"]) == 64
+    model, _ = load_classifier(directory / "clf")
+    channels = 3 if dataset == "cifar10" else 1
+    images = torch.randint(0, 256, (5, channels, *SHAPES[dataset][:2]), dtype=torch.uint8)
+    features, logits = classify(model, images, 2, torch.device("cpu"))
+    assert features.shape == (5, 16) and logits.shape == (5, 10)
+    assert torch.allclose(logits, model(images.float() / 127.5 - 1), atol=1e-5)
+
+
+def test_train_classifier_resumes_from_state(tmp_path):
+    train_classifier("mnist", tmp_path)
+    result = train_classifier("mnist", tmp_path, "--resume")
+    assert "step 8" in result.stdout  # the finished state was loaded: nothing left to train
+    steps = [json.loads(line)["step"] for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_inception_like_counts_confidently_used_classes():
+    assert inception_like(torch.randn(1, 10).repeat(100, 1)) == pytest.approx(1.0, abs=1e-9)
+    for k in (4, 10):
+        confident = 30.0 * torch.nn.functional.one_hot(torch.arange(200) % k, 10).float()
+        assert inception_like(confident) == pytest.approx(k, rel=1e-6)
+
+
+def test_diversity_is_zero_for_identical_and_one_for_real_vs_real():
+    torch.manual_seed(0)
+    real, other_real = torch.randn(500, 16), torch.randn(500, 16)
+    assert diversity(real[:1].repeat(500, 1), real) < 1e-6
+    assert diversity(other_real, real) == pytest.approx(1.0, abs=0.03)
+    assert pixel_std(torch.full((4, 3, 8, 8), 200, dtype=torch.uint8)) == 0.0
+    assert pixel_std(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)) == pytest.approx(0.577, abs=0.05)
+
+
+def test_fid_is_zero_against_itself_and_grows_with_a_shift():
+    torch.manual_seed(0)
+    a = torch.randn(2000, 8)
+    assert abs(fid(a, a)) < 1e-4
+    assert fid(a, torch.randn(2000, 8)) < 0.1
+    assert fid(a, a + 1.0) == pytest.approx(8.0, rel=1e-3)  # |mean shift|^2; covariances unchanged
+    assert fid(a, 2 * a) > 7.0
+
+
+@pytest.mark.parametrize("model, dataset", [("gan", "mnist"), ("ebm", "cifar10"), ("diffusion", "cifar10")])
+def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
+    checkpoint = tiny_checkpoint(tmp_path / model, model)
+    result = run("training.evaluate", "--model", model, "--checkpoint", str(checkpoint),
+                 "--classifier", str(classifiers[dataset] / "clf"), "--data", str(classifiers[dataset] / "data.npz"),
+                 "--n-samples", "20", "--batch-size", "8")
+    report = json.loads((checkpoint / "quality.json").read_text())
+    fid_name = {"mnist": "fid_m", "cifar10": "fid_c"}[dataset]
+    assert report[fid_name] >= 0 and set(report["fid_references"]) == {"test_vs_train", "train_vs_train", "noise_vs_train"}
+    assert report["n_samples"] == 20 and report["n_test"] == 16  # the synthetic test split has 16 images
+    assert (report["class_accuracy"] is None) == (model == "ebm")
+    if model != "ebm":
+        assert 0.0 <= report["class_accuracy"] <= 1.0
+    assert 1.0 <= report["inception_like"] <= 10.0 and report["diversity"] > 0 and report["pixel_std"] >= 0
+    _, config = load_checkpoint(checkpoint)
+    assert report["generator"] == {"checkpoint": str(checkpoint), "steps": 0, "weights_sha256": config["weights_sha256"]}
+    assert report["classifier"]["dataset"] == dataset and report["machine"]["cpu_count"] >= 1
+    assert "n_images" not in report["sampling_params"] and report["wall_seconds"] >= 0
+    assert result.stdout.strip().splitlines()[-1].startswith(f"| {model} | 0 | ")
+
+
+def test_evaluate_refuses_params_it_sets_itself(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--model", "gan", "--params", '{"digit": 3}'])
+    with pytest.raises(SystemExit, match="--params"):
+        evaluate.main()
