@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from generators.checkpoint import atomic_write_bytes
+from generators.checkpoint import atomic_write_bytes, load_checkpoint
 from generators.imaging import save_grid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +125,18 @@ class TrainingRun:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self._last_step = self.step
         return True
+
+    def resume(self, served_dir: Path, served_modules: list[Any]) -> None:
+        """--resume: the full state from --state-dir; failing that, warm-start `served_modules` from the
+        served weights in `served_dir` (what survives when the git-ignored state is lost)."""
+        if self.try_resume() or not checkpoint_exists(served_dir):
+            return
+        weights, config = load_checkpoint(served_dir)
+        for module in served_modules:
+            module.load_state_dict(weights)
+        self.step = int(config["training"]["steps"])
+        self._last_step = self.step
+        print(f"no training state in {self.state_dir}: warm start from {served_dir} at step {self.step}")
 
     # ---- loop control
     def done(self) -> bool:

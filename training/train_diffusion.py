@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from generators.checkpoint import load_checkpoint, save_checkpoint
+from generators.checkpoint import save_checkpoint
 from generators.gaussian_diffusion import GaussianDiffusion, ScheduleConfig
 from generators.pipelines import sample_diffusion
 from generators.unet import UNet, UNetConfig
-from training.common import EMA, TrainingRun, base_parser, checkpoint_exists, clip_and_step, setup, stamp
+from training.common import EMA, TrainingRun, base_parser, clip_and_step, setup, stamp
 from training.data import ImageDataset
 
 parser = base_parser(__doc__, "diffusion", "cifar10", batch_size=64, lr=2e-4, ema_decay=0.999)
@@ -57,12 +57,8 @@ def main() -> None:
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     run = TrainingRun(args, {"model": model, "ema": ema, "optimizer": optimizer})
-    if args.resume and not run.try_resume() and checkpoint_exists(args.out):
-        weights, config = load_checkpoint(args.out)
-        model.load_state_dict(weights)
-        ema.load_state_dict(weights)
-        run.step = config["training"]["steps"]
-        print(f"warm start from {args.out} at step {run.step}")
+    if args.resume:
+        run.resume(args.out, [model, ema])
     print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, step {run.step}")
 
     def export() -> None:

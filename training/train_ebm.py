@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from generators.checkpoint import load_checkpoint, save_checkpoint
+from generators.checkpoint import save_checkpoint
 from generators.ebm import EnergyNet, EnergyNetConfig, LangevinConfig, initial_noise, langevin
-from training.common import TrainingRun, base_parser, checkpoint_exists, clip_and_step, setup, stamp
+from training.common import TrainingRun, base_parser, clip_and_step, setup, stamp
 from training.data import ImageDataset
 
 parser = base_parser(__doc__, "ebm", "cifar10", batch_size=64, lr=1e-4, sample_every=200, save_every=100)
@@ -37,11 +37,8 @@ def main() -> None:
     energy = EnergyNet(net_config).to(device)
     optimizer = torch.optim.Adam(energy.parameters(), lr=args.lr, betas=(0.0, 0.999))
     run = TrainingRun(args, {"energy": energy, "optimizer": optimizer})
-    if args.resume and not run.try_resume() and checkpoint_exists(args.out):
-        weights, served = load_checkpoint(args.out)
-        energy.load_state_dict(weights)
-        run.step = served["training"]["steps"]
-        print(f"warm start from {args.out} at step {run.step}")
+    if args.resume:
+        run.resume(args.out, [energy])
     print(f"EnergyNet {sum(p.numel() for p in energy.parameters()) / 1e6:.2f}M on {device}, step {run.step}")
 
     def export() -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from generators.checkpoint import load_checkpoint, save_checkpoint
+from generators.checkpoint import save_checkpoint
 from generators.gan import Discriminator, GANConfig, Generator
-from training.common import EMA, TrainingRun, base_parser, checkpoint_exists, setup, stamp
+from training.common import EMA, TrainingRun, base_parser, setup, stamp
 from training.data import ImageDataset
 
 parser = base_parser(__doc__, "gan", "mnist", batch_size=128, lr=2e-4, ema_decay=0.999, sample_every=500)
@@ -32,12 +32,8 @@ def main() -> None:
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=tuple(args.betas))
     run = TrainingRun(args, {"generator": gen, "discriminator": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
-    if args.resume and not run.try_resume() and checkpoint_exists(args.out):
-        weights, served = load_checkpoint(args.out)
-        gen.load_state_dict(weights)
-        ema.load_state_dict(weights)
-        run.step = served["training"]["steps"]
-        print(f"warm start of the generator from {args.out} at step {run.step}; the discriminator starts fresh")
+    if args.resume:
+        run.resume(args.out, [gen, ema])  # without training state the discriminator starts fresh
     print(f"G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "
           f"on {device}, step {run.step}")
 
