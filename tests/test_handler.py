@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import ts
 from PIL import Image
 from ts.context import Context, RequestProcessor
@@ -17,12 +18,12 @@ from tests.synthetic import tiny_checkpoint
 SHAPES = {"diffusion": (32, 32, "RGB"), "ebm": (32, 32, "RGB"), "gan": (28, 28, "L")}
 
 
-def make_context(model_dir: Path, n_requests: int) -> Context:
+def make_context(model_dir: Path, n_requests: int, yaml_config: dict | None = None) -> Context:
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
     manifest = {"model": {"modelName": "test", "modelVersion": "1.0"}}
     context = Context("test", str(model_dir), manifest, n_requests, None, "0.12.0", metrics=metrics,
-                      model_yaml_config={})
+                      model_yaml_config=yaml_config or {})
     context.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
     return context
 
@@ -97,3 +98,13 @@ def test_describe_lists_device_identity_and_parameters(loaded):
     assert len(info["weights_sha256"]) == 64 and info["training"]["steps"] == 0
     assert info["parameters"]["n_images"] == {"type": "integer", "help": info["parameters"]["n_images"]["help"],
                                               "default": 1, "min": 1, "max": 64}
+
+
+def test_torch_threads_from_the_model_yaml(tmp_path):
+    tiny_checkpoint(tmp_path / "checkpoint", "gan")
+    before = torch.get_num_threads()
+    try:
+        GeneratorHandler().initialize(make_context(tmp_path, 1, {"handler": {"torch_threads": 1}}))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
