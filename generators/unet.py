@@ -7,7 +7,7 @@ is the "no class" token used for label dropout and classifier-free guidance.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
