@@ -21,11 +21,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
     """Tile (N, H, W, C) uint8 images into one near-square image with `padding` black pixels between."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
     if n == 1:
         return images[0]
-    out = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    width, height = grid_size(n, h, w, padding)
+    cols = math.ceil(math.sqrt(n))
+    out = np.zeros((height, width, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, cols)
         y, x = padding + r * (h + padding), padding + col * (w + padding)
