@@ -69,7 +69,10 @@ def main() -> None:
         path = args.out / "samples" / f"{model}-{label}.png"
         save_grid(images, path)
         n = len(images)
-        results["cases"].append({"model": model, "case": label, "parameters": params, "n_images": n,
+        sampling = {k: v for k, v in validate(dict(params), pipeline.param_specs()).items()
+                    if k not in ("n_images", "seed", "format")}
+        results["cases"].append({"model": model, "case": label, "parameters": params, "sampling": sampling,
+                                 "n_images": n,
                                  "seconds": round(seconds, 3), "ms_per_image": round(1000 * seconds / n, 1),
                                  "training_steps": pipeline.config["training"]["steps"],
                                  "grid": str(path.relative_to(args.out.parent))})

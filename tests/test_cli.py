@@ -10,9 +10,13 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {
     "scripts/archive.py": "--register",
     "scripts/client.py": "generate",
+    "scripts/readme_tables.py": "--check",
+    "scripts/sample_report.py": "--threads",
     "-m training.train_diffusion": "--resume",
     "-m training.train_ebm": "--langevin-steps",
     "-m training.train_gan": "--max-minutes",
+    "-m training.train_classifier": "--dataset",
+    "-m training.evaluate": "--n-samples",
 }
 
 

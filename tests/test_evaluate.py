@@ -11,7 +11,7 @@ from generators.checkpoint import load_checkpoint
 from tests.synthetic import CIFAR_CLASSES, tiny_checkpoint, write_npz
 from training import evaluate
 from training.classifiers import classify, load_classifier
-from training.evaluate import diversity, fid, inception_like, pixel_std
+from training.evaluate import blur, diversity, fid, inception_like, pixel_std
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28)}
@@ -92,6 +92,15 @@ def test_fid_is_zero_against_itself_and_grows_with_a_shift():
     assert fid(a, 2 * a) > 7.0
 
 
+def test_blur_keeps_flat_colour_and_removes_fine_detail():
+    flat = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    assert torch.equal(blur(flat), flat)
+    checkerboard = ((torch.arange(28)[:, None] + torch.arange(28)[None, :]) % 2 * 255).to(torch.uint8)
+    blurred = blur(checkerboard.expand(1, 1, 28, 28))
+    assert blurred.shape == (1, 1, 28, 28) and blurred.dtype == torch.uint8
+    assert int(blurred.max()) - int(blurred.min()) <= 2  # 2x2 detail averages out to grey
+
+
 @pytest.mark.parametrize("model, dataset", [("gan", "mnist"), ("ebm", "cifar10"), ("diffusion", "cifar10")])
 def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
     checkpoint = tiny_checkpoint(tmp_path / model, model)
@@ -100,7 +109,8 @@ def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
                  "--n-samples", "20", "--batch-size", "8")
     report = json.loads((checkpoint / "quality.json").read_text())
     fid_name = {"mnist": "fid_m", "cifar10": "fid_c"}[dataset]
-    assert report[fid_name] >= 0 and set(report["fid_references"]) == {"test_vs_train", "train_vs_train", "noise_vs_train"}
+    assert report[fid_name] >= 0 and set(report["fid_references"]) == {"test_vs_train", "train_vs_train",
+                                                                            "blurred_vs_train", "noise_vs_train"}
     assert report["n_samples"] == 20 and report["n_test"] == 16  # the synthetic test split has 16 images
     assert (report["class_accuracy"] is None) == (model == "ebm")
     if model != "ebm":

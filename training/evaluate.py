@@ -10,12 +10,13 @@ a classifier trained on it puts real training images far from the test set. Read
 references computed in the same space with the same N:
 - test vs train: unseen real images, so what a perfect generator of new images would score;
 - train vs train: other training images, what copying the training set would score;
+- blurred vs train: the other training images, 4x down- and up-sampled: right content, lost detail;
 - noise vs train: uniform noise, where "nothing learned" lies.
 Class-conditional models are sampled N/10 per class with their default settings; the classifier's
 agreement with the asked class is `class_accuracy`.
 
-Writes a JSON (default: quality.json in the checkpoint directory) and prints one row of:
-| model | steps | FID | test vs train | train vs train | noise | class acc | IS-like | diversity | pixel std | N |
+Writes a JSON (default: quality.json in the checkpoint directory) and prints its row of the README's
+table (scripts/readme_tables.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
@@ -140,9 +142,15 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
     return torch.cat(images), (torch.cat(labels) if labels else None)
 
 
+def blur(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """uint8 NCHW images averaged down by `factor` and bilinearly up again."""
+    small = F.avg_pool2d(images.float(), factor, ceil_mode=True)
+    return F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False).round().to(torch.uint8)
+
+
 def real_sets(train: ImageDataset, test: ImageDataset, n: int, seed: int) -> dict[str, torch.Tensor]:
     """uint8 image sets of size n (test: at most its size): the training reference, other training
-    images disjoint from it, test images, and uniform noise."""
+    images disjoint from it, those blurred, test images, and uniform noise."""
     if 2 * n > len(train):
         raise SystemExit(f"--n-samples {n}: needs 2N <= {len(train)} training images for the references")
     generator = torch.Generator().manual_seed(seed)
@@ -150,6 +158,7 @@ def real_sets(train: ImageDataset, test: ImageDataset, n: int, seed: int) -> dic
     return {
         "train": train.images[order[:n]],
         "other_train": train.images[order[n:2 * n]],
+        "blurred": blur(train.images[order[n:2 * n]]),
         "test": test.images[torch.randperm(len(test), generator=generator)[:n]],
         "noise": torch.randint(0, 256, (n, *train.image_shape), generator=generator, dtype=torch.uint8),
     }
@@ -166,13 +175,35 @@ def machine(device: torch.device) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def table_row(r: dict[str, Any]) -> str:
-    refs = r["fid_references"]
-    cells = [r["model"], r["generator"]["steps"], f"{r[r['fid_name']]:.2f}", f"{refs['test_vs_train']:.2f}",
-             f"{refs['train_vs_train']:.2f}", f"{refs['noise_vs_train']:.1f}",
-             "—" if r["class_accuracy"] is None else f"{r['class_accuracy']:.3f}",
-             f"{r['inception_like']:.2f}", f"{r['diversity']:.3f}", f"{r['pixel_std']:.3f}", r["n_samples"]]
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+# ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
+
+QUALITY_HEADER = ["model", "training steps", "sampling", "N", "FID", "floor (test vs train)", "blurred real",
+                  "uniform noise", "class accuracy", "IS-like", "diversity", "pixel std"]
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
+    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2', '30 Langevin steps, step size 10'."""
+    if "sampler" in params:
+        words = f"{params['sampler'].upper()} {params['steps']} steps"
+        return words + (f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional")
+    if "step_size" in params:
+        return f"{params['steps']} Langevin steps, step size {params['step_size']:g}"
+    return "one forward pass"
+
+
+def quality_row(result: dict[str, Any], label: str) -> list[Any]:
+    refs = result["fid_references"]
+    accuracy = result["class_accuracy"]
+    return [label, result["generator"]["steps"], describe_sampling(result["sampling_params"], accuracy is not None),
+            result["n_samples"], f"{result[result['fid_name']]:.2f}", f"{refs['test_vs_train']:.2f}",
+            f"{refs['blurred_vs_train']:.2f}", f"{refs['noise_vs_train']:.1f}",
+            "—" if accuracy is None else f"{accuracy:.3f}", f"{result['inception_like']:.2f}",
+            f"{result['diversity']:.3f}", f"{result['pixel_std']:.3f}"]
 
 
 def main() -> None:
@@ -214,6 +245,7 @@ def main() -> None:
         fid_name: fid(train_features, features),
         "fid_references": {"test_vs_train": fid(train_features, real["test"][0]),
                            "train_vs_train": fid(train_features, real["other_train"][0]),
+                           "blurred_vs_train": fid(train_features, real["blurred"][0]),
                            "noise_vs_train": fid(train_features, real["noise"][0])},
         "class_accuracy": None if labels is None else class_accuracy(logits, labels),
         "inception_like": inception_like(logits),
@@ -237,7 +269,7 @@ def main() -> None:
     out = args.out or checkpoint / "quality.json"
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     print(f"wrote {out}")
-    print(table_row(result))
+    print(markdown_table(QUALITY_HEADER, [quality_row(result, args.model)]))
 
 
 if __name__ == "__main__":

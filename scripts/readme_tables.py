@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Write the README's quality and speed tables from the measured JSON files, so no figure is typed by hand.
+
+    python scripts/readme_tables.py           # rewrite the tables in README.md
+    python scripts/readme_tables.py --check   # exit 1 if README.md differs from the JSON files
+
+Quality rows come from checkpoints/<model>/quality.json (training/evaluate.py on the served
+weights), then docs/quality/<model>-*.json (baselines and other settings of the same script).
+Speed rows come from docs/sampling_speed.json (scripts/sample_report.py). Each table sits between
+`<!-- name -->` and `<!-- /name -->` markers in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from training.evaluate import QUALITY_HEADER, describe_sampling, markdown_table, quality_row  # noqa: E402
+
+MODELS = ("gan", "diffusion", "ebm")
+
+SPEED_HEADER = ["model", "request", "training steps", "images", "seconds", "ms per image"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when the README is stale")
+    return p.parse_args()
+
+
+def quality_table(checkpoints: Path, docs: Path) -> str:
+    rows = []
+    for model in MODELS:
+        served = json.loads((checkpoints / model / "quality.json").read_text())
+        rows.append(quality_row(served, f"{model} ({served['fid_name'].upper().replace('_', '-')})"))
+        for path in sorted((docs / "quality").glob(f"{model}-*.json")):
+            label = path.stem.replace("-", " ").replace(" 100 steps", "")
+            rows.append(quality_row(json.loads(path.read_text()), label))
+    return markdown_table(QUALITY_HEADER, rows)
+
+
+def speed_table(docs: Path) -> str:
+    cases = json.loads((docs / "sampling_speed.json").read_text())["cases"]
+    rows = []
+    for case in cases:
+        conditional = "guidance_scale" in case["parameters"]
+        request = describe_sampling(case["sampling"], conditional)
+        if conditional:
+            request += " (2 evaluations per step), 1 image per request"
+        rows.append([case["model"], request, case["training_steps"], case["n_images"], f"{case['seconds']:.2f}",
+                     f"{case['ms_per_image']:g}"])
+    return markdown_table(SPEED_HEADER, rows)
+
+
+def replace_between_markers(text: str, name: str, table: str) -> str:
+    pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"README has no <!-- {name} --> ... <!-- /{name} --> markers")
+    return pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+
+
+def main() -> None:
+    args = parse_args()
+    text = args.readme.read_text()
+    updated = replace_between_markers(text, "quality-table", quality_table(args.checkpoints, args.docs))
+    updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
+    if args.check:
+        if updated != text:
+            sys.exit(f"{args.readme} is stale: run scripts/readme_tables.py")
+        print(f"{args.readme} matches the measured figures")
+    elif updated != text:
+        args.readme.write_text(updated)
+        print(f"updated {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
