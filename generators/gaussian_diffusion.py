@@ -52,13 +52,17 @@ class GaussianDiffusion:
         a = self._gather(self.alphas_cumprod, t)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def eps_mse(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        """Per-example MSE of the predicted noise at given timesteps and noise; with fixed t and noise
+        it is a deterministic held-out loss."""
+        eps = model(self.q_sample(x0, t, noise), t, labels)
+        return F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
+
     def training_loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Min-SNR-weighted epsilon MSE at uniformly drawn timesteps."""
         t = torch.randint(0, self.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        eps = model(self.q_sample(x0, t, noise), t, labels)
         a = self.alphas_cumprod.to(x0.device)[t]
         snr = a / (1 - a)
         weight = (snr.clamp(max=self.config.min_snr_gamma) / snr).float()
-        per_example = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
-        return (weight * per_example).mean()
+        return (weight * self.eps_mse(model, x0, labels, t, torch.randn_like(x0))).mean()

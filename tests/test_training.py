@@ -58,3 +58,13 @@ def test_resume_without_state_warm_starts_from_served_weights(tmp_path):
     result = train("gan", tmp_path, "--max-steps", "3", "--resume")
     assert "warm start" in result.stdout
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["training"]["steps"] == 3
+
+
+def test_diffusion_logs_a_held_out_loss_that_is_the_same_for_the_same_weights(tmp_path):
+    train("diffusion", tmp_path, "--max-steps", "2", "--val-every", "1", "--val-images", "8", "--lr", "0")
+    records = [json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [1, 2]
+    assert all(r["val_loss"] > 0 and r["val_loss_unconditional"] > 0 for r in val)
+    # lr 0 leaves the weights (and so the EMA) unchanged: the fixed batch gives the same loss
+    assert val[0]["val_loss"] == val[1]["val_loss"]

@@ -158,10 +158,14 @@ class TrainingRun:
             now = time.monotonic()
             rate = (self.step - self._last_step) / max(now - self._last_time, 1e-9)
             self._last_time, self._last_step = now, self.step
-            record = {"step": self.step, "steps_per_hour": round(3600 * rate), **{k: round(float(v), 5) for k, v in metrics.items()}}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-            with open(self.state_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.log(steps_per_hour=round(3600 * rate), **metrics)
+
+    def log(self, **metrics: float) -> None:
+        """Append one JSON line, stamped with the current step, to log.jsonl."""
+        record = {"step": self.step, **{k: round(float(v), 5) for k, v in metrics.items()}}
+        with open(self.state_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def due(self, every: int) -> bool:
         return self.step % every == 0

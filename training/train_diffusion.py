@@ -27,6 +27,9 @@ parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine"
 parser.add_argument("--min-snr-gamma", type=float, default=5.0)
 parser.add_argument("--warmup-steps", type=int, default=500)
 parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--val-every", type=int, default=1000,
+                    help="log the EMA model's noise-prediction MSE on fixed held-out test images this often")
+parser.add_argument("--val-images", type=int, default=512)
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward pass (about 1.2x on CPU after ~40 s of compiling)")
 parser.add_argument("--serve-sampler", default="ddim", help="sampler default written to the served config")
@@ -43,6 +46,28 @@ def served_config(args, unet_config: UNetConfig, schedule: ScheduleConfig, data:
         "class_names": data.class_names,
     }
     return stamp(config, run, data.sha256, ema_decay=args.ema_decay, label_dropout=args.label_dropout)
+
+
+@torch.no_grad()
+def validation_losses(model: UNet, diffusion: GaussianDiffusion, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Unweighted noise-prediction MSE on a fixed held-out batch (fixed t and noise, so comparable across steps),
+    with the true labels and with the 'no class' label; their gap shows how much the class is used."""
+    was_training = model.training
+    model.eval()
+    null = torch.full_like(batch["labels"], model.null_class)
+    losses = {name: torch.cat([diffusion.eps_mse(model, *chunk) for chunk in zip(
+        batch["x0"].split(256), labels.split(256), batch["t"].split(256), batch["noise"].split(256))]).mean().item()
+        for name, labels in (("val_loss", batch["labels"]), ("val_loss_unconditional", null))}
+    model.train(was_training)
+    return losses
+
+
+def held_out_batch(args, diffusion: GaussianDiffusion, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x0, labels = ImageDataset(args.data, split="test").batch(args.val_images, generator)
+    t = torch.randint(0, diffusion.config.num_train_timesteps, (len(x0),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    return {"x0": x0.to(device), "labels": labels.to(device), "t": t.to(device), "noise": noise.to(device)}
 
 
 def main() -> None:
@@ -62,6 +87,7 @@ def main() -> None:
     if args.resume:
         run.resume(args.out, [model, ema])
     print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, step {run.step}")
+    validation = held_out_batch(args, diffusion, device)
     forward = torch.compile(model) if args.compile else model  # shares model's parameters; state is saved from model
 
     def export() -> None:
@@ -80,6 +106,8 @@ def main() -> None:
         grad_norm = clip_and_step(model, optimizer, loss, args.grad_clip)
         ema.update(model, run.step)
         run.progress(loss=loss.item(), grad_norm=grad_norm)
+        if run.due(args.val_every):
+            run.log(**validation_losses(ema.model, diffusion, validation))
         if run.due(args.save_every):
             export()
         if run.due(args.sample_every):
