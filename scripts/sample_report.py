@@ -27,7 +27,7 @@ from generators.pipelines import load_pipeline  # noqa: E402
 # (model, label, request parameters): the grids and timings the README shows.
 CASES = [
     ("diffusion", "ddim-50-unconditional", {"n_images": 64, "sampler": "ddim", "steps": 50}),
-    ("diffusion", "ddim-50-classes-cfg2", {"n_images": 10, "sampler": "ddim", "steps": 50, "guidance_scale": 2.0}),
+    ("diffusion", "ddim-50-classes-cfg4", {"n_images": 10, "sampler": "ddim", "steps": 50, "guidance_scale": 4.0}),
     ("diffusion", "ddpm-100-unconditional", {"n_images": 64, "sampler": "ddpm", "steps": 100}),
     ("ebm", "langevin-default", {"n_images": 64}),
     ("gan", "random-digits", {"n_images": 64}),

@@ -34,7 +34,7 @@ parser.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward pass (about 1.2x on CPU after ~40 s of compiling)")
 parser.add_argument("--serve-sampler", default="ddim", help="sampler default written to the served config")
 parser.add_argument("--serve-steps", type=int, default=50)
-parser.add_argument("--serve-guidance", type=float, default=2.0)
+parser.add_argument("--serve-guidance", type=float, default=4.0)
 
 
 def served_config(args, unet_config: UNetConfig, schedule: ScheduleConfig, data: ImageDataset, run: TrainingRun) -> dict:
