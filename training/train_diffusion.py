@@ -31,7 +31,7 @@ parser.add_argument("--val-every", type=int, default=1000,
                     help="log the EMA model's noise-prediction MSE on fixed held-out test images this often")
 parser.add_argument("--val-images", type=int, default=512)
 parser.add_argument("--compile", action="store_true",
-                    help="torch.compile the training forward pass (about 1.2x on CPU after ~40 s of compiling)")
+                    help="torch.compile the training forward pass (compiling takes minutes on a CPU)")
 parser.add_argument("--serve-sampler", default="ddim", help="sampler default written to the served config")
 parser.add_argument("--serve-steps", type=int, default=50)
 parser.add_argument("--serve-guidance", type=float, default=4.0)
