@@ -18,13 +18,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def _layout(n: int) -> tuple[int, int]:
+    """(rows, cols) of the near-square grid for n images."""
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
 def grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
     """Tile (N, H, W, C) uint8 images into one near-square image with `padding` black pixels between."""
     n, h, w, c = images.shape
     if n == 1:
         return images[0]
     width, height = grid_size(n, h, w, padding)
-    cols = math.ceil(math.sqrt(n))
+    _, cols = _layout(n)
     out = np.zeros((height, width, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, cols)
@@ -37,8 +43,7 @@ def grid_size(n: int, h: int, w: int, padding: int = 2) -> tuple[int, int]:
     """(width, height) of the PNG that `grid` makes for n images of h x w."""
     if n == 1:
         return w, h
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
+    rows, cols = _layout(n)
     return cols * (w + padding) + padding, rows * (h + padding) + padding
 
 
