@@ -17,6 +17,7 @@ COMMANDS = {
     "-m training.train_gan": "--max-minutes",
     "-m training.train_classifier": "--dataset",
     "-m training.evaluate": "--n-samples",
+    "-m training.diffusion_val_loss": "--val-images",
 }
 
 

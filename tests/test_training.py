@@ -68,3 +68,17 @@ def test_diffusion_logs_a_held_out_loss_that_is_the_same_for_the_same_weights(tm
     assert all(r["val_loss"] > 0 and r["val_loss_unconditional"] > 0 for r in val)
     # lr 0 leaves the weights (and so the EMA) unchanged: the fixed batch gives the same loss
     assert val[0]["val_loss"] == val[1]["val_loss"]
+
+
+def test_held_out_loss_of_a_checkpoint_is_the_one_training_logged(tmp_path):
+    train("diffusion", tmp_path, "--max-steps", "2", "--val-every", "2", "--val-images", "8")
+    logged = next(json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()
+                  if "val_loss" in line)
+    result = subprocess.run([sys.executable, "-m", "training.diffusion_val_loss", str(tmp_path / "ckpt"), "--data",
+                             str(tmp_path / "data.npz"), "--val-images", "8", "--threads", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["steps"] == 2
+    assert measured["val_loss"] == logged["val_loss"]
+    assert measured["val_loss_unconditional"] == logged["val_loss_unconditional"]

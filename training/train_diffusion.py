@@ -7,6 +7,8 @@ Writes full training state to --state-dir and the served EMA weights to --out
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from generators.checkpoint import save_checkpoint
@@ -50,21 +52,22 @@ def served_config(args, unet_config: UNetConfig, schedule: ScheduleConfig, data:
 
 @torch.no_grad()
 def validation_losses(model: UNet, diffusion: GaussianDiffusion, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Unweighted noise-prediction MSE on a fixed held-out batch (fixed t and noise, so comparable across steps),
-    with the true labels and with the 'no class' label; their gap shows how much the class is used."""
-    was_training = model.training
-    model.eval()
-    null = torch.full_like(batch["labels"], model.null_class)
-    losses = {name: torch.cat([diffusion.eps_mse(model, *chunk) for chunk in zip(
-        batch["x0"].split(256), labels.split(256), batch["t"].split(256), batch["noise"].split(256))]).mean().item()
-        for name, labels in (("val_loss", batch["labels"]), ("val_loss_unconditional", null))}
-    model.train(was_training)
-    return losses
+    """Unweighted noise-prediction MSE of an eval-mode model on a fixed held-out batch (fixed t and noise, so
+    comparable across steps), with the true labels and with the 'no class' label: their gap shows how much the
+    class is used."""
+    def mse(labels: torch.Tensor) -> float:
+        chunks = zip(*(v.split(256) for v in (batch["x0"], labels, batch["t"], batch["noise"])))
+        return torch.cat([diffusion.eps_mse(model, *chunk) for chunk in chunks]).mean().item()
+
+    return {"val_loss": mse(batch["labels"]),
+            "val_loss_unconditional": mse(torch.full_like(batch["labels"], model.null_class))}
 
 
-def held_out_batch(args, diffusion: GaussianDiffusion, device: torch.device) -> dict[str, torch.Tensor]:
+def held_out_batch(data: Path, n_images: int, diffusion: GaussianDiffusion,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """n_images test images with their labels, timesteps and noise, the same for every call."""
     generator = torch.Generator().manual_seed(0)
-    x0, labels = ImageDataset(args.data, split="test").batch(args.val_images, generator)
+    x0, labels = ImageDataset(data, split="test").batch(n_images, generator)
     t = torch.randint(0, diffusion.config.num_train_timesteps, (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     return {"x0": x0.to(device), "labels": labels.to(device), "t": t.to(device), "noise": noise.to(device)}
@@ -87,7 +90,7 @@ def main() -> None:
     if args.resume:
         run.resume(args.out, [model, ema])
     print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, step {run.step}")
-    validation = held_out_batch(args, diffusion, device)
+    validation = held_out_batch(args.data, args.val_images, diffusion, device)
     forward = torch.compile(model) if args.compile else model  # shares model's parameters; state is saved from model
 
     def export() -> None:
