@@ -155,10 +155,11 @@ def real_sets(train: ImageDataset, test: ImageDataset, n: int, seed: int) -> dic
         raise SystemExit(f"--n-samples {n}: needs 2N <= {len(train)} training images for the references")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=generator)
+    other_train = train.images[order[n:2 * n]]
     return {
         "train": train.images[order[:n]],
-        "other_train": train.images[order[n:2 * n]],
-        "blurred": blur(train.images[order[n:2 * n]]),
+        "other_train": other_train,
+        "blurred": blur(other_train),
         "test": test.images[torch.randperm(len(test), generator=generator)[:n]],
         "noise": torch.randint(0, 256, (n, *train.image_shape), generator=generator, dtype=torch.uint8),
     }
