@@ -1,4 +1,4 @@
-"""From model output in [-1, 1] to PNG bytes: one image or a near-square grid."""
+"""From model output in [-1, 1] to PNG bytes: one image or a grid."""
 from __future__ import annotations
 
 import io
@@ -18,19 +18,20 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def _layout(n: int) -> tuple[int, int]:
-    """(rows, cols) of the near-square grid for n images."""
-    cols = math.ceil(math.sqrt(n))
+def _layout(n: int, columns: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of the grid for n images: near-square unless the columns are given."""
+    cols = min(columns or math.ceil(math.sqrt(n)), n)
     return math.ceil(n / cols), cols
 
 
-def grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
-    """Tile (N, H, W, C) uint8 images into one near-square image with `padding` black pixels between."""
+def grid(images: np.ndarray, padding: int = 2, columns: int | None = None) -> np.ndarray:
+    """Tile (N, H, W, C) uint8 images row by row into one image (near-square unless `columns` is given) with
+    `padding` black pixels between."""
     n, h, w, c = images.shape
     if n == 1:
         return images[0]
-    width, height = grid_size(n, h, w, padding)
-    _, cols = _layout(n)
+    width, height = grid_size(n, h, w, padding, columns)
+    _, cols = _layout(n, columns)
     out = np.zeros((height, width, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, cols)
@@ -39,11 +40,11 @@ def grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
     return out
 
 
-def grid_size(n: int, h: int, w: int, padding: int = 2) -> tuple[int, int]:
+def grid_size(n: int, h: int, w: int, padding: int = 2, columns: int | None = None) -> tuple[int, int]:
     """(width, height) of the PNG that `grid` makes for n images of h x w."""
     if n == 1:
         return w, h
-    rows, cols = _layout(n)
+    rows, cols = _layout(n, columns)
     return cols * (w + padding) + padding, rows * (h + padding) + padding
 
 
@@ -55,5 +56,5 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    atomic_write_bytes(Path(path), encode_png(grid(to_uint8(images))))
+def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> None:
+    atomic_write_bytes(Path(path), encode_png(grid(to_uint8(images), columns=columns)))

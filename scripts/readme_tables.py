@@ -41,20 +41,26 @@ def quality_table(checkpoints: Path, docs: Path) -> str:
     for model in MODELS:
         served = json.loads((checkpoints / model / "quality.json").read_text())
         rows.append(quality_row(served, f"{model} ({served['fid_name'].upper().replace('_', '-')})"))
-        for path in sorted((docs / "quality").glob(f"{model}-*.json")):
+        for path in sorted((docs / "quality").glob(f"{model}-*.json"), key=natural_order):
             label = path.stem.replace("-", " ").replace(" 100 steps", "")
             rows.append(quality_row(json.loads(path.read_text()), label))
     return markdown_table(QUALITY_HEADER, rows)
+
+
+def natural_order(path: Path) -> list:
+    """Sort key that puts 'guidance-2' before 'guidance-10'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.stem)]
 
 
 def speed_table(docs: Path) -> str:
     cases = json.loads((docs / "sampling_speed.json").read_text())["cases"]
     rows = []
     for case in cases:
-        conditional = "guidance_scale" in case["parameters"]
-        request = describe_sampling(case["sampling"], conditional)
-        if conditional:
-            request += " (2 evaluations per step), 1 image per request"
+        per_class = case["images_per_class_request"]
+        request = describe_sampling(case["sampling"], conditional=bool(per_class))
+        if per_class:
+            guided = " (2 evaluations per step)" if case["sampling"]["guidance_scale"] != 1 else ""
+            request += f"{guided}, {per_class} images per request, one request per class"
         rows.append([case["model"], request, case["training_steps"], case["n_images"], f"{case['seconds']:.2f}",
                      f"{case['ms_per_image']:g}"])
     return markdown_table(SPEED_HEADER, rows)

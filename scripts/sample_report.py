@@ -24,13 +24,14 @@ from generators.imaging import save_grid  # noqa: E402
 from generators.params import validate  # noqa: E402
 from generators.pipelines import load_pipeline  # noqa: E402
 
-# (model, label, request parameters): the grids and timings the README shows.
+# (model, label, request parameters, images per class): the grids and timings the README shows. With images per
+# class, the case is one request per class (guidance from the checkpoint unless given), one class per grid column.
 CASES = [
-    ("diffusion", "ddim-50-unconditional", {"n_images": 64, "sampler": "ddim", "steps": 50}),
-    ("diffusion", "ddim-50-classes-cfg4", {"n_images": 10, "sampler": "ddim", "steps": 50, "guidance_scale": 4.0}),
-    ("diffusion", "ddpm-100-unconditional", {"n_images": 64, "sampler": "ddpm", "steps": 100}),
-    ("ebm", "langevin-default", {"n_images": 64}),
-    ("gan", "random-digits", {"n_images": 64}),
+    ("diffusion", "ddim-50-unconditional", {"n_images": 64, "sampler": "ddim", "steps": 50}, 0),
+    ("diffusion", "ddim-50-classes", {"sampler": "ddim", "steps": 50}, 4),
+    ("diffusion", "ddpm-100-unconditional", {"n_images": 64, "sampler": "ddpm", "steps": 100}, 0),
+    ("ebm", "langevin-default", {"n_images": 64}, 0),
+    ("gan", "random-digits", {"n_images": 64}, 0),
 ]
 
 
@@ -43,14 +44,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def sample_case(pipeline, params: dict, seed: int) -> tuple[torch.Tensor, float]:
-    """One image per class when the case asks for classes; returns (images, seconds)."""
+def sample_case(pipeline, params: dict, seed: int, per_class: int) -> tuple[torch.Tensor, float]:
+    """Returns (images, seconds); with per_class, images are ordered row by row with one class per column."""
     start = time.perf_counter()
-    if "guidance_scale" in params:
-        images = torch.cat([
-            pipeline.sample(validate(dict(params, n_images=1, class_label=c, seed=seed), pipeline.param_specs()),
-                            torch.Generator().manual_seed(seed + c))
-            for c in range(params["n_images"])])
+    if per_class:
+        by_class = [pipeline.sample(validate(dict(params, n_images=per_class, class_label=c, seed=seed),
+                                             pipeline.param_specs()), torch.Generator().manual_seed(seed + c))
+                    for c in range(len(pipeline.class_names))]
+        images = torch.stack(by_class, dim=1).flatten(0, 1)
     else:
         images = pipeline.sample(validate(dict(params, seed=seed), pipeline.param_specs()),
                                  torch.Generator().manual_seed(seed))
@@ -62,17 +63,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                           f"torch {torch.__version__}", "cases": []}
-    for model, label, params in CASES:
+    for model, label, params, per_class in CASES:
         pipeline = load_pipeline(args.checkpoints / model, "cpu")
-        sample_case(pipeline, dict(params, n_images=1), args.seed)  # warm-up
-        images, seconds = sample_case(pipeline, params, args.seed)
+        sample_case(pipeline, dict(params, n_images=1), args.seed, 0)  # warm-up
+        images, seconds = sample_case(pipeline, params, args.seed, per_class)
         path = args.out / "samples" / f"{model}-{label}.png"
-        save_grid(images, path)
+        save_grid(images, path, columns=len(pipeline.class_names) if per_class else None)
         n = len(images)
-        sampling = {k: v for k, v in validate(dict(params), pipeline.param_specs()).items()
-                    if k not in ("n_images", "seed", "format")}
+        request = dict(params, n_images=per_class, class_label=0) if per_class else params
+        sampling = {k: v for k, v in validate(dict(request), pipeline.param_specs()).items()
+                    if k not in ("n_images", "seed", "format", "class_label")}
         results["cases"].append({"model": model, "case": label, "parameters": params, "sampling": sampling,
-                                 "n_images": n,
+                                 "images_per_class_request": per_class, "n_images": n,
                                  "seconds": round(seconds, 3), "ms_per_image": round(1000 * seconds / n, 1),
                                  "training_steps": pipeline.config["training"]["steps"],
                                  "grid": str(path.relative_to(args.out.parent))})

@@ -170,9 +170,9 @@ class TrainingRun:
     def due(self, every: int) -> bool:
         return self.step % every == 0
 
-    def save_samples(self, images: torch.Tensor) -> Path:
+    def save_samples(self, images: torch.Tensor, columns: int | None = None) -> Path:
         path = self.state_dir / "samples" / f"step_{self.step:07d}.png"
-        save_grid(images, path)
+        save_grid(images, path, columns)
         return path
 
     def close(self) -> None:

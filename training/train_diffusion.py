@@ -7,6 +7,7 @@ Writes full training state to --state-dir and the served EMA weights to --out
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ parser.add_argument("--label-dropout", type=float, default=0.1, help="fraction o
 parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
 parser.add_argument("--min-snr-gamma", type=float, default=5.0)
 parser.add_argument("--warmup-steps", type=int, default=500)
+parser.add_argument("--cooldown-steps", type=int, default=0,
+                    help="with --max-steps: decay the lr linearly to 0 over this many last steps (a run resumed "
+                         "later with a higher --max-steps goes back to the full lr)")
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--val-every", type=int, default=1000,
                     help="log the EMA model's noise-prediction MSE on fixed held-out test images this often")
@@ -36,7 +40,7 @@ parser.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward pass (compiling takes minutes on a CPU)")
 parser.add_argument("--serve-sampler", default="ddim", help="sampler default written to the served config")
 parser.add_argument("--serve-steps", type=int, default=50)
-parser.add_argument("--serve-guidance", type=float, default=4.0)
+parser.add_argument("--serve-guidance", type=float, default=8.0)
 
 
 def served_config(args, unet_config: UNetConfig, schedule: ScheduleConfig, data: ImageDataset, run: TrainingRun) -> dict:
@@ -47,7 +51,8 @@ def served_config(args, unet_config: UNetConfig, schedule: ScheduleConfig, data:
         "sampling": {"sampler": args.serve_sampler, "steps": args.serve_steps, "guidance_scale": args.serve_guidance},
         "class_names": data.class_names,
     }
-    return stamp(config, run, data.sha256, ema_decay=args.ema_decay, label_dropout=args.label_dropout)
+    return stamp(config, run, data.sha256, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
+                 cooldown_steps=args.cooldown_steps)
 
 
 @torch.no_grad()
@@ -73,8 +78,19 @@ def held_out_batch(data: Path, n_images: int, diffusion: GaussianDiffusion,
     return {"x0": x0.to(device), "labels": labels.to(device), "t": t.to(device), "noise": noise.to(device)}
 
 
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """The lr of update `step` (0-based): linear warm-up, constant, then an optional linear cooldown before
+    --max-steps. Decaying only at the end lets a run be extended session by session and still end annealed."""
+    factor = min(1.0, (step + 1) / args.warmup_steps)
+    if args.cooldown_steps:
+        factor = min(factor, (args.max_steps - step) / args.cooldown_steps)
+    return args.lr * factor
+
+
 def main() -> None:
     args = parser.parse_args()
+    if args.cooldown_steps and args.max_steps is None:
+        parser.error("--cooldown-steps needs --max-steps (the step the lr reaches 0 at)")
     device = setup(args)
     data = ImageDataset(args.data)
     unet_config = UNetConfig(image_size=data.image_shape[1], in_channels=data.image_shape[0],
@@ -103,21 +119,22 @@ def main() -> None:
         x, labels = x.to(device), labels.to(device)
         drop = torch.rand(len(labels), generator=run.generator).to(device) < args.label_dropout
         labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
+        lr = learning_rate(args, run.step)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (run.step + 1) / args.warmup_steps)
+            group["lr"] = lr
         loss = diffusion.training_loss(forward, x, labels)
         grad_norm = clip_and_step(model, optimizer, loss, args.grad_clip)
         ema.update(model, run.step)
-        run.progress(loss=loss.item(), grad_norm=grad_norm)
+        run.progress(loss=loss.item(), grad_norm=grad_norm, lr=lr)
         if run.due(args.val_every):
             run.log(**validation_losses(ema.model, diffusion, validation))
         if run.due(args.save_every):
             export()
         if run.due(args.sample_every):
-            labels = torch.arange(10).repeat_interleave(4) % unet_config.num_classes
+            labels = torch.arange(unet_config.num_classes).repeat(4)  # one class per column
             images = sample_diffusion(ema.model, diffusion.alphas_cumprod, args.serve_sampler, args.serve_steps,
                                       len(labels), labels, args.serve_guidance, torch.Generator().manual_seed(0))
-            print(f"samples: {run.save_samples(images)}")
+            print(f"samples: {run.save_samples(images, columns=unet_config.num_classes)}")
     export()
     run.close()
     print(f"saved {args.out} at step {run.step}")
