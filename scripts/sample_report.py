@@ -70,9 +70,8 @@ def main() -> None:
         path = args.out / "samples" / f"{model}-{label}.png"
         save_grid(images, path, columns=len(pipeline.class_names) if per_class else None)
         n = len(images)
-        request = dict(params, n_images=per_class, class_label=0) if per_class else params
-        sampling = {k: v for k, v in validate(dict(request), pipeline.param_specs()).items()
-                    if k not in ("n_images", "seed", "format", "class_label")}
+        sampling = {k: v for k, v in validate(dict(params), pipeline.param_specs()).items()
+                    if k not in ("n_images", "seed", "format")}
         results["cases"].append({"model": model, "case": label, "parameters": params, "sampling": sampling,
                                  "images_per_class_request": per_class, "n_images": n,
                                  "seconds": round(seconds, 3), "ms_per_image": round(1000 * seconds / n, 1),
