@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from generators.checkpoint import load_checkpoint
-from generators.ebm import EnergyNet, EnergyNetConfig, LangevinConfig, initial_noise, langevin
+from generators.ebm import EnergyModel, LangevinConfig, annealed_langevin
 from generators.gan import GANConfig, Generator
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
 from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, describe
@@ -44,6 +44,29 @@ def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: i
             eps = unet(x, t_batch, labels)
         x = scheduler.step(eps, t, x, generator)
     return x
+
+
+def class_params(class_names: list[str], default_guidance: float) -> list[Param]:
+    """class_label and guidance_scale, for a model trained with label dropout; none for an unconditional one."""
+    if not class_names:
+        return []
+    return [
+        ClassLabelParam("class_label", choices=tuple(class_names),
+                        help="CIFAR-10 class name or index; absent: unconditional"),
+        Param("guidance_scale", float, default_guidance, 0.0, 20.0,
+              help="classifier-free guidance with class_label; 1 = plain conditional"),
+    ]
+
+
+def guided(params: dict[str, Any]) -> bool:
+    """Whether a request pays for two network evaluations per step (conditional and unconditional)."""
+    return "class_label" in params and params.get("guidance_scale", 1.0) != 1.0
+
+
+def class_labels(params: dict[str, Any]) -> torch.Tensor | None:
+    if "class_label" not in params:
+        return None
+    return torch.full((params["n_images"],), params["class_label"], dtype=torch.long)
 
 
 class Pipeline:
@@ -106,55 +129,46 @@ class DiffusionPipeline(Pipeline):
             Param("sampler", str, self.defaults["sampler"], choices=tuple(SCHEDULERS),
                   help="ddpm: ancestral (stochastic); ddim: deterministic given the seed"),
         ]
-        if self.class_names:
-            specs += [
-                ClassLabelParam("class_label", choices=tuple(self.class_names),
-                                help="CIFAR-10 class name or index; absent: unconditional"),
-                Param("guidance_scale", float, self.defaults["guidance_scale"], 0.0, 20.0,
-                      help="classifier-free guidance with class_label; 1 = plain conditional"),
-            ]
-        return specs
-
-    def _guided(self, params):
-        return "class_label" in params and params.get("guidance_scale", 1.0) != 1.0
+        return specs + class_params(self.class_names, self.defaults["guidance_scale"])
 
     def work(self, params):
-        return params["n_images"] * params["steps"] * (2 if self._guided(params) else 1)
+        return params["n_images"] * params["steps"] * (2 if guided(params) else 1)
 
     def sample(self, params, generator):
-        n = params["n_images"]
-        labels = torch.full((n,), params["class_label"], dtype=torch.long) if "class_label" in params else None
-        return sample_diffusion(self.unet, self.alpha_bar, params["sampler"], params["steps"], n, labels,
+        return sample_diffusion(self.unet, self.alpha_bar, params["sampler"], params["steps"], params["n_images"],
+                                class_labels(params),
                                 params.get("guidance_scale", 1.0), generator)
 
 
 class EBMPipeline(Pipeline):
     model_type = "ebm"
-    max_work = 64 * 200
-    work_fields = "n_images, steps"
+    max_work = 64 * 20 * 2 * 2
+    work_fields = "n_images, levels, corrector_steps"
 
     def __init__(self, config, state_dict, device):
         super().__init__(config, device)
-        self.net_config = EnergyNetConfig(**config["energy_net"])
-        self.energy = self._prepare(EnergyNet(self.net_config), state_dict)
-        self.langevin = LangevinConfig(**config["langevin"])
+        alpha_bar = alphas_cumprod(ScheduleConfig(**config["schedule"]))
+        self.energy = self._prepare(EnergyModel(UNetConfig.from_dict(config["unet"]), alpha_bar,
+                                                config["sigma_data"]), state_dict)
+        self.defaults = LangevinConfig(**config["langevin"])
+        self.class_names = config.get("class_names", []) if self.energy.unet.config.num_classes else []
 
     def param_specs(self):
-        d = self.langevin
+        d = self.defaults
         return super().param_specs() + [
-            Param("steps", int, d.steps, 1, 1000, help="Langevin steps from uniform noise"),
-            Param("step_size", float, d.step_size, 0.0, 100.0, help="gradient step size"),
-            Param("noise_scale", float, d.noise_scale, 0.0, 1.0, help="std of the Gaussian noise added per step"),
-        ]
+            Param("levels", int, d.levels, 1, len(self.energy.alphas_cumprod),
+                  help="noise levels of annealed Langevin, each one reverse step"),
+            Param("corrector_steps", int, d.corrector_steps, 0, 10, help="Langevin steps on the energy per level"),
+            Param("snr", float, d.snr, 0.0, 1.0, help="Langevin step size as a signal-to-noise ratio"),
+        ] + class_params(self.class_names, d.guidance_scale)
 
     def work(self, params):
-        return params["n_images"] * params["steps"]
+        return params["n_images"] * params["levels"] * (1 + params["corrector_steps"]) * (2 if guided(params) else 1)
 
     def sample(self, params, generator):
-        settings = LangevinConfig(steps=params["steps"], step_size=params["step_size"],
-                                  noise_scale=params["noise_scale"], grad_clip=self.langevin.grad_clip)
-        x = initial_noise(params["n_images"], self.net_config, generator).to(self.device)
-        return langevin(self.energy, x, settings, generator)
+        settings = LangevinConfig(levels=params["levels"], corrector_steps=params["corrector_steps"],
+                                  snr=params["snr"], guidance_scale=params.get("guidance_scale", 1.0))
+        return annealed_langevin(self.energy, params["n_images"], class_labels(params), settings, generator)
 
 
 class GANPipeline(Pipeline):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Noise drawn on the generator's device (CPU), so a seed gives the same image on any device."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
@@ -60,7 +60,7 @@ class DDIMScheduler(Scheduler):
         sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x_prev = x_prev + sigma * _randn_like(x, generator)
+            x_prev = x_prev + sigma * randn_like(x, generator)
         return x_prev
 
 
@@ -77,7 +77,7 @@ class DDPMScheduler(Scheduler):
         if a_prev >= 1.0:
             return mean
         variance = beta * (1 - a_prev) / (1 - a)
-        return mean + variance**0.5 * _randn_like(x, generator)
+        return mean + variance**0.5 * randn_like(x, generator)
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {cls.name: cls for cls in (DDPMScheduler, DDIMScheduler)}

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from generators.checkpoint import save_checkpoint
-from generators.ebm import EnergyNet, EnergyNetConfig, LangevinConfig
+from generators.ebm import EnergyModel, LangevinConfig
 from generators.gan import GANConfig, Generator
-from generators.gaussian_diffusion import ScheduleConfig
+from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
 from generators.unet import UNet, UNetConfig
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -29,15 +29,16 @@ def tiny_checkpoint(directory: Path, model_type: str) -> Path:
     """An untrained, small checkpoint of `model_type` in the served format."""
     torch.manual_seed(0)
     training = {"steps": 0, "data_sha256": "synthetic"}
+    unet = UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(), num_classes=10)
     if model_type == "diffusion":
-        unet = UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(), num_classes=10)
         config = {"model_type": "diffusion", "unet": unet.to_dict(), "schedule": ScheduleConfig().to_dict(),
                   "sampling": {"sampler": "ddim", "steps": 4, "guidance_scale": 2.0}, "class_names": CIFAR_CLASSES}
         weights = UNet(unet).state_dict()
     elif model_type == "ebm":
-        net = EnergyNetConfig(n_f=8)
-        config = {"model_type": "ebm", "energy_net": net.to_dict(), "langevin": LangevinConfig(steps=3).to_dict()}
-        weights = EnergyNet(net).state_dict()
+        config = {"model_type": "ebm", "unet": unet.to_dict(), "schedule": ScheduleConfig().to_dict(),
+                  "sigma_data": 0.5, "langevin": LangevinConfig(levels=3, guidance_scale=2.0).to_dict(),
+                  "scoring": {"timestep": 20}, "class_names": CIFAR_CLASSES}
+        weights = EnergyModel(unet, alphas_cumprod(ScheduleConfig())).state_dict()
     elif model_type == "gan":
         gan = GANConfig(z_dim=8, g_channels=16, d_channels=16)
         config = {"model_type": "gan", "gan": gan.to_dict()}

@@ -17,7 +17,7 @@ import torch
 from generators.gaussian_diffusion import GaussianDiffusion, ScheduleConfig
 from generators.pipelines import load_pipeline
 from training.data import DEFAULT_PATHS
-from training.train_diffusion import held_out_batch, validation_losses
+from training.denoising import held_out_batch, validation_losses
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("checkpoints", type=Path, nargs="+", help="served diffusion checkpoint directories")

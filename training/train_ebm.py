@@ -1,70 +1,94 @@
-"""Train the CIFAR-10 energy-based model with short-run Langevin chains from uniform noise.
+"""Train the class-conditional CIFAR-10 energy-based model by denoising score matching on dE/dx.
 
-    python -m training.train_ebm --max-minutes 60 --resume
+    python -m training.train_ebm --max-minutes 120 --resume
+    python -m training.train_ebm --init-from checkpoints/diffusion --max-minutes 120   # first run
 
-Each iteration starts fresh chains from noise and runs exactly the Langevin settings that
-serving uses (stored in the served config), so served samples match what training saw.
-Loss: E(x+) - E(x-) + alpha * (E(x+)^2 + E(x-)^2), which keeps energies from drifting.
-Watch `gap` (E- minus E+) and `neg_std` (per-image pixel std of samples: near 0 means flat colours).
+The energy E(x, t, y) (generators/ebm.py) is trained so that sigma_t * dE/dx predicts the noise
+in x_t, with the diffusion model's schedule, Min-SNR weighting and label dropout; the loss
+differentiates a gradient, so each step runs a double backward (about 2.4x a diffusion step).
+No sampling chain runs during training. --init-from starts the energy's UNet from the diffusion
+model's weights (its features transfer; the output layer is negated, since near t = 0 the
+energy's UNet output plays the role of minus the predicted noise).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from generators.checkpoint import save_checkpoint
-from generators.ebm import EnergyNet, EnergyNetConfig, LangevinConfig, initial_noise, langevin
-from training.common import TrainingRun, base_parser, clip_and_step, setup, stamp
+from generators.checkpoint import load_checkpoint, save_checkpoint
+from generators.ebm import EnergyModel, LangevinConfig, annealed_langevin
+from generators.gaussian_diffusion import GaussianDiffusion, ScheduleConfig
+from generators.unet import UNetConfig
+from training.common import EMA, TrainingRun, base_parser, setup, stamp
 from training.data import ImageDataset
+from training.denoising import add_denoising_options, train_denoiser
+from training.train_diffusion import unet_config_from_args
 
-parser = base_parser(__doc__, "ebm", "cifar10", batch_size=64, lr=1e-4, sample_every=200, save_every=100)
-parser.add_argument("--n-f", type=int, default=32, help="base width of the energy network")
-parser.add_argument("--langevin-steps", type=int, default=30)
-parser.add_argument("--step-size", type=float, default=10.0)
-parser.add_argument("--noise-scale", type=float, default=0.01)
-parser.add_argument("--move-clip", type=float, default=0.1, help="per-pixel bound on one step's gradient move")
-parser.add_argument("--alpha", type=float, default=1.0, help="weight of the energy-magnitude penalty")
-parser.add_argument("--data-noise", type=float, default=0.03, help="std of Gaussian noise added to real images")
-parser.add_argument("--grad-clip", type=float, default=1.0)
+parser = base_parser(__doc__, "ebm", "cifar10", batch_size=64, lr=2e-4, ema_decay=0.999, sample_every=500,
+                     save_every=100)
+add_denoising_options(parser)
+parser.add_argument("--sigma-data", type=float, default=0.5, help="data std in the energy's preconditioning")
+parser.add_argument("--init-from", type=Path, default=None,
+                    help="diffusion checkpoint whose UNet starts the energy (ignored when resuming)")
+parser.add_argument("--serve-levels", type=int, default=20, help="noise levels of the served Langevin sampler")
+parser.add_argument("--serve-corrector-steps", type=int, default=1)
+parser.add_argument("--serve-snr", type=float, default=0.16)
+parser.add_argument("--serve-guidance", type=float, default=2.0)
+parser.add_argument("--score-timestep", type=int, default=20,
+                    help="noise level at which the served model scores posted images")
+
+
+def warm_start(model: EnergyModel, diffusion_dir: Path) -> None:
+    weights, config = load_checkpoint(diffusion_dir)
+    if config.get("model_type") != "diffusion":
+        raise SystemExit(f"--init-from {diffusion_dir}: not a diffusion checkpoint")
+    model.unet.load_state_dict(weights)
+    with torch.no_grad():
+        model.unet.head[-1].weight.neg_()
+        model.unet.head[-1].bias.neg_()
 
 
 def main() -> None:
     args = parser.parse_args()
+    if args.cooldown_steps and args.max_steps is None:
+        parser.error("--cooldown-steps needs --max-steps (the step the lr reaches 0 at)")
+    torch.set_flush_denormal(True)  # denormals in the double backward cost more than they are worth
     device = setup(args)
     data = ImageDataset(args.data)
-    net_config = EnergyNetConfig(image_size=data.image_shape[1], channels=data.image_shape[0], n_f=args.n_f)
-    chain = LangevinConfig(steps=args.langevin_steps, step_size=args.step_size, noise_scale=args.noise_scale,
-                           grad_clip=args.move_clip)
-    energy = EnergyNet(net_config).to(device)
-    optimizer = torch.optim.Adam(energy.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    run = TrainingRun(args, {"energy": energy, "optimizer": optimizer})
+    schedule = ScheduleConfig(schedule=args.schedule, min_snr_gamma=args.min_snr_gamma)
+    diffusion = GaussianDiffusion(schedule)
+    unet_config = (UNetConfig.from_dict(load_checkpoint(args.init_from)[1]["unet"]) if args.init_from
+                   else unet_config_from_args(args, data))
+    model = EnergyModel(unet_config, diffusion.alphas_cumprod, args.sigma_data)
+    if args.init_from and not (args.resume and (args.state_dir / TrainingRun.STATE_NAME).exists()):
+        warm_start(model, args.init_from)
+        print(f"energy UNet initialised from {args.init_from}")
+    model.to(device)
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    run = TrainingRun(args, {"model": model, "ema": ema, "optimizer": optimizer})
     if args.resume:
-        run.resume(args.out, [energy])
-    print(f"EnergyNet {sum(p.numel() for p in energy.parameters()) / 1e6:.2f}M on {device}, step {run.step}")
+        run.resume(args.out, [model, ema])
+    print(f"energy UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
+          f"step {run.step}")
+    sampling = LangevinConfig(levels=args.serve_levels, corrector_steps=args.serve_corrector_steps,
+                              snr=args.serve_snr, guidance_scale=args.serve_guidance)
 
     def export() -> None:
         run.save_state()
-        served = stamp({"model_type": "ebm", "energy_net": net_config.to_dict(), "langevin": chain.to_dict(),
-                        "class_names": data.class_names}, run, data.sha256, alpha=args.alpha, data_noise=args.data_noise)
-        save_checkpoint(args.out, energy.state_dict(), served)
+        config = {"model_type": "ebm", "unet": unet_config.to_dict(), "schedule": schedule.to_dict(),
+                  "sigma_data": args.sigma_data, "langevin": sampling.to_dict(),
+                  "scoring": {"timestep": args.score_timestep}, "class_names": data.class_names}
+        save_checkpoint(args.out, ema.state_dict(), stamp(config, run, data.sha256, ema_decay=args.ema_decay,
+                                                          label_dropout=args.label_dropout,
+                                                          cooldown_steps=args.cooldown_steps,
+                                                          init_from=str(args.init_from) if args.init_from else None))
 
-    while not run.done():
-        real, _ = data.batch(args.batch_size, run.generator, hflip=True)
-        real = (real + args.data_noise * torch.randn(real.shape, generator=run.generator)).to(device)
-        energy.requires_grad_(False)
-        fake = langevin(energy, initial_noise(args.batch_size, net_config, run.generator).to(device), chain, run.generator)
-        energy.requires_grad_(True)
-        e_pos, e_neg = energy(real), energy(fake)
-        loss = e_pos.mean() - e_neg.mean() + args.alpha * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-        grad_norm = clip_and_step(energy, optimizer, loss, args.grad_clip)
-        run.progress(loss=loss.item(), gap=(e_neg.mean() - e_pos.mean()).item(), e_pos=e_pos.mean().item(),
-                     neg_std=fake.flatten(1).std(dim=1).mean().item(), grad_norm=grad_norm)
-        if run.due(args.save_every):
-            export()
-        if run.due(args.sample_every):
-            print(f"samples: {run.save_samples(fake[:64])}")
-    export()
-    run.close()
-    print(f"saved {args.out} at step {run.step}")
+    def sample(ema_model: EnergyModel, labels: torch.Tensor) -> torch.Tensor:
+        return annealed_langevin(ema_model, len(labels), labels, sampling, torch.Generator().manual_seed(0))
+
+    train_denoiser(args, model, ema, optimizer, run, diffusion, data, device, export, sample)
 
 
 if __name__ == "__main__":
