@@ -5,10 +5,16 @@ for `GET /models/{name}?customized=true`, so documentation and enforcement canno
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
 
 MAX_SEED = 2**63 - 1
 
@@ -84,6 +90,68 @@ class ClassLabelParam(Param):
     def describe(self) -> dict:
         return {"type": "string or integer", "help": self.help, "choices": list(self.choices),
                 "min": 0, "max": len(self.choices) - 1}
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class PNGImagesParam(Param):
+    """A list of base64-encoded PNGs of one size and mode; validates to uint8 (N, H, W, C).
+
+    Each image is checked before it is decoded: base64 alphabet, size of the encoded file, PNG
+    signature, then the header's width, height and mode. Only then are pixels read, so a PNG that
+    declares a large canvas (a decompression bomb) is refused without being expanded."""
+
+    kind: type = list
+    width: int = 32
+    height: int = 32
+    mode: str = "RGB"
+    max_images: int = 64
+    max_file_bytes: int = 16384
+
+    def coerce(self, value: Any) -> np.ndarray:
+        if not isinstance(value, list) or not 1 <= len(value) <= self.max_images:
+            raise InvalidParameter(self.name, f"must be a list of 1 to {self.max_images} base64-encoded PNGs, "
+                                              f"got {_summary(value)}")
+        return np.stack([self._decode(i, item) for i, item in enumerate(value)])
+
+    def _decode(self, i: int, item: Any) -> np.ndarray:
+        where = f"{self.name}[{i}]"
+        if not isinstance(item, str):
+            raise InvalidParameter(where, f"must be a base64-encoded PNG string, got {_summary(item)}")
+        if len(item) > 4 * ((self.max_file_bytes + 2) // 3):
+            raise InvalidParameter(where, f"is larger than {self.max_file_bytes} bytes; a {self.width}x{self.height} "
+                                          f"{self.mode} PNG is far smaller")
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParameter(where, "is not valid base64") from None
+        if not data.startswith(PNG_SIGNATURE):
+            raise InvalidParameter(where, "is not a PNG (only PNG is accepted)")
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                if image.size != (self.width, self.height) or image.mode != self.mode:
+                    raise InvalidParameter(where, f"must be {self.width}x{self.height} {self.mode}, got "
+                                                  f"{image.size[0]}x{image.size[1]} {image.mode}")
+                image.load()
+                return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, -1)
+        except InvalidParameter:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise InvalidParameter(where, f"is not a readable PNG ({type(e).__name__})") from None
+
+    def describe(self) -> dict:
+        return {"type": "array of base64 PNG strings", "help": self.help, "min_items": 1,
+                "max_items": self.max_images, "image": f"{self.width}x{self.height} {self.mode} PNG",
+                "max_file_bytes": self.max_file_bytes}
+
+
+def _summary(value: Any) -> str:
+    """A short description of a bad value, never the whole (possibly huge) thing."""
+    if isinstance(value, (list, dict, str, bytes)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return repr(value)[:80]
 
 
 COMMON_PARAMS: tuple[Param, ...] = (

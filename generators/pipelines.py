@@ -15,7 +15,7 @@ from generators.checkpoint import load_checkpoint
 from generators.ebm import EnergyModel, LangevinConfig, annealed_langevin
 from generators.gan import GANConfig, Generator
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
-from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, describe
+from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, PNGImagesParam, describe
 from generators.schedulers import SCHEDULERS, make_scheduler
 from generators.unet import UNet, UNetConfig
 
@@ -100,6 +100,14 @@ class Pipeline:
         """(n_images, C, H, W) in [-1, 1]."""
         raise NotImplementedError
 
+    def scoring_specs(self) -> list[Param]:
+        """Parameters of a scoring request (a body with "images"); empty for models that cannot score."""
+        return []
+
+    def score(self, params: dict[str, Any]) -> torch.Tensor:
+        """One figure per posted image."""
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type,
@@ -108,6 +116,7 @@ class Pipeline:
             "training": self.config.get("training", {}),
             "max_work_per_request": self.max_work,
             "parameters": describe(self.param_specs()),
+            **({"scoring_parameters": describe(self.scoring_specs())} if self.scoring_specs() else {}),
         }
 
 
@@ -151,6 +160,7 @@ class EBMPipeline(Pipeline):
         self.energy = self._prepare(EnergyModel(UNetConfig.from_dict(config["unet"]), alpha_bar,
                                                 config["sigma_data"]), state_dict)
         self.defaults = LangevinConfig(**config["langevin"])
+        self.score_timestep = config["scoring"]["timestep"]
         self.class_names = config.get("class_names", []) if self.energy.unet.config.num_classes else []
 
     def param_specs(self):
@@ -169,6 +179,21 @@ class EBMPipeline(Pipeline):
         settings = LangevinConfig(levels=params["levels"], corrector_steps=params["corrector_steps"],
                                   snr=params["snr"], guidance_scale=params.get("guidance_scale", 1.0))
         return annealed_langevin(self.energy, params["n_images"], class_labels(params), settings, generator)
+
+    def scoring_specs(self):
+        c = self.energy.unet.config
+        return [
+            PNGImagesParam("images", width=c.image_size, height=c.image_size,
+                           help="base64 PNGs to score; the answer is each one's energy (lower: more like the data)"),
+            Param("timestep", int, self.score_timestep, 0, len(self.energy.alphas_cumprod) - 1,
+                  help="noise level the energy is taken at; the image itself is not noised"),
+        ]
+
+    @torch.no_grad()
+    def score(self, params):
+        x = torch.from_numpy(params["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+        t = torch.full((len(x),), params["timestep"], dtype=torch.long, device=self.device)
+        return self.energy.energy(x, t)
 
 
 class GANPipeline(Pipeline):

@@ -138,7 +138,7 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
         if self.class_emb is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)

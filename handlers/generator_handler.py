@@ -36,6 +36,7 @@ class GeneratorHandler(BaseHandler):
             torch.set_num_threads(int(threads))
         self.pipeline = load_pipeline(Path(properties["model_dir"]) / "checkpoint", self.device)
         self.specs = self.pipeline.param_specs()
+        self.scoring_specs = self.pipeline.scoring_specs()
         self.manifest = context.manifest
         self.initialized = True
         logger.info("loaded %s on %s", self.pipeline.model_type, self.device)
@@ -48,11 +49,15 @@ class GeneratorHandler(BaseHandler):
         return self.postprocess(self.inference(jobs))
 
     def preprocess(self, data: list[dict]) -> list[dict | Exception]:
-        """Per request: the validated parameters and seed, or the InvalidParameter that rejects it."""
+        """Per request: the validated parameters and seed, or the InvalidParameter that rejects it.
+        A body with "images" asks a model that can score (the EBM) for their energies instead."""
         jobs: list[dict | Exception] = []
         for request in data:
             try:
                 body = parse_request(request)
+                if self.scoring_specs and isinstance(body, dict) and "images" in body:
+                    jobs.append(validate(body, self.scoring_specs))
+                    continue
                 params = validate(body, self.specs)
                 self.pipeline.check_work(params)
                 params.setdefault("seed", secrets.randbelow(MAX_SEED + 1))
@@ -68,6 +73,10 @@ class GeneratorHandler(BaseHandler):
                 results.append(params)
                 continue
             try:
+                if "images" in params:
+                    results.append((params, self.pipeline.score(params)))
+                    self.context.metrics.add_counter("ImagesScored", len(params["images"]), None)
+                    continue
                 start = time.perf_counter()
                 images = self.pipeline.sample(params, torch.Generator().manual_seed(params["seed"]))
                 elapsed_ms = 1000 * (time.perf_counter() - start)
@@ -92,8 +101,11 @@ class GeneratorHandler(BaseHandler):
             code = 507 if isinstance(result, MemoryError) else 500
             self.context.set_response_status(code, "Sampling failed", idx)
             return {"code": code, "error": f"sampling failed: {type(result).__name__}"}
-        params, images = result
-        pixels = to_uint8(images)
+        params, output = result
+        if "images" in params:
+            self.context.set_response_content_type(idx, "application/json")
+            return {"energies": output.tolist(), "timestep": params["timestep"]}
+        pixels = to_uint8(output)
         self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
         if params["format"] == "json":
             self.context.set_response_content_type(idx, "application/json")

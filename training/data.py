@@ -17,6 +17,7 @@ class ImageDataset:
 
     def __init__(self, path: Path, split: str = "train"):
         self.path = Path(path)
+        self.split = split
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} not found; pass --data with a Keras-layout .npz")
         with np.load(self.path) as archive:

@@ -1,19 +1,18 @@
-"""Measure a generator's samples in the feature space of a classifier trained on the same data.
+"""Measure a generator's samples with the standard FID and KID, colour figures and the asked-class accuracy.
 
-    python -m training.evaluate --model gan
-    python -m training.evaluate --model diffusion --n-samples 5000 --params '{"steps": 20}'
-    python -m training.evaluate --model ebm --checkpoint runs/ebm-baseline --out ebm-baseline.json
+    python -m training.evaluate --model diffusion --n-samples 10000          # the served default
+    python -m training.evaluate --model diffusion --n-samples 2000 --params '{"guidance_scale": 2}' \
+        --out docs/quality/diffusion-guidance-2.json
+    python -m training.evaluate --model ebm --n-samples 2000
 
-Needs the classifier from training/train_classifier.py (cifar10 for diffusion and ebm, mnist for
-gan). FID is taken against N *training* images, because the generators learn the training split and
-a classifier trained on it puts real training images far from the test set. Read it against
-references computed in the same space with the same N:
-- test vs train: unseen real images, so what a perfect generator of new images would score;
-- train vs train: other training images, what copying the training set would score;
-- blurred vs train: the other training images, 4x down- and up-sampled: right content, lost detail;
-- noise vs train: uniform noise, where "nothing learned" lies.
-Class-conditional models are sampled N/10 per class with their default settings; the classifier's
-agreement with the asked class is `class_accuracy`.
+FID and KID are taken in the standard Inception-v3 features (training/fid.py) against a fixed set
+of --reference-size training images (10k by default; cached). FID is biased upwards at small N:
+compare FIDs only at equal N (training/fid_references.py gives real-data references per N); KID
+is unbiased. Colour figures the FID hardly sees: the mean per-image pixel std and the fraction
+of clipped pixels (a channel at 0 or 255), beside the same for the real reference images.
+Class-conditional models are sampled N/10 per class with their defaults; our own classifier
+(training/train_classifier.py) gives the agreement with the asked class, overall and per class,
+and, for MNIST, the Frechet distance in its features (FID-M), a figure the GAN targets.
 
 Writes a JSON (default: quality.json in the checkpoint directory) and prints its row of the README's
 table (scripts/readme_tables.py).
@@ -29,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from generators.checkpoint import atomic_write_bytes
@@ -41,10 +38,11 @@ from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_device
 from training.data import DEFAULT_PATHS, ImageDataset
+from training.fid import (frechet_distance, inception_features, kernel_inception_distance, load_inception,
+                          pixel_statistics, reference_features, real_subsets)
 
 # model -> (data set its classifier and reference images come from, parameter that picks a class)
-MODELS = {"diffusion": ("cifar10", "class_label"), "ebm": ("cifar10", None), "gan": ("mnist", "digit")}
-FID_NAMES = {"cifar10": "fid_c", "mnist": "fid_m"}
+MODELS = {"diffusion": ("cifar10", "class_label"), "ebm": ("cifar10", "class_label"), "gan": ("mnist", "digit")}
 # set by the evaluation itself, so not accepted in --params
 RESERVED = {"n_images", "seed", "format", "class_label", "digit"}
 
@@ -53,7 +51,8 @@ parser.add_argument("--model", choices=sorted(MODELS), required=True)
 parser.add_argument("--checkpoint", type=Path, default=None, help="generator directory (default: checkpoints/<model>)")
 parser.add_argument("--classifier", type=Path, default=None, help="default: checkpoints/classifiers/<dataset>")
 parser.add_argument("--data", type=Path, default=None, help="Keras-layout .npz (default: the shared copy)")
-parser.add_argument("--n-samples", type=int, default=5000)
+parser.add_argument("--n-samples", type=int, default=2000)
+parser.add_argument("--reference-size", type=int, default=10000, help="training images the FID and KID compare with")
 parser.add_argument("--params", default="{}", help="JSON of sampling parameters, as a request would give them")
 parser.add_argument("--batch-size", type=int, default=250, help="images per sampling and feature batch")
 parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the choice of real images")
@@ -62,55 +61,14 @@ parser.add_argument("--threads", type=int, default=None, help="torch CPU threads
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
-# ---- the measures, on features and logits
-
-class Precomputed(nn.Module):
-    """Identity 'feature extractor': each image set goes through the classifier once, and its
-    features then serve FID, the Inception-like score and diversity alike."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two (N, d) feature sets."""
-    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]))
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return float(metric.compute())
-
-
-def inception_like(logits: torch.Tensor) -> float:
-    """exp(E_x KL(p(y|x) || p(y))): 1 when every image gets the same prediction, up to the number of
-    classes when each is classified confidently and the classes are used evenly."""
-    log_p = logits.double().log_softmax(dim=1)
-    log_marginal = log_p.logsumexp(dim=0) - torch.log(torch.tensor(float(len(logits)), dtype=torch.float64))
-    return float((log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean().exp())
-
-
-def mean_pairwise_distance(features: torch.Tensor, chunk: int = 1024) -> float:
-    """Mean L2 distance over all pairs of distinct rows, in chunks to bound memory."""
-    f = features.double()
-    total = sum(float(torch.cdist(f[i:i + chunk], f).sum()) for i in range(0, len(f), chunk))
-    return total / (len(f) * (len(f) - 1))
-
-
-def diversity(features: torch.Tensor, reference: torch.Tensor) -> float:
-    """Spread of the samples' features relative to real images': 1 = as diverse, near 0 = mode collapse."""
-    return mean_pairwise_distance(features) / mean_pairwise_distance(reference)
-
-
-def pixel_std(images: torch.Tensor) -> float:
-    """Mean over uint8 images of their pixel std on the [-1, 1] scale; flat-colour images give ~0."""
-    return float((images.flatten(1).float() / 127.5).std(dim=1).mean())
-
+# ---- the measures
 
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    return [class_accuracy(logits[labels == k], labels[labels == k]) for k in range(num_classes)]
 
 
 # ---- images
@@ -148,23 +106,6 @@ def blur(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
     return F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False).round().to(torch.uint8)
 
 
-def real_sets(train: ImageDataset, test: ImageDataset, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """uint8 image sets of size n (test: at most its size): the training reference, other training
-    images disjoint from it, those blurred, test images, and uniform noise."""
-    if 2 * n > len(train):
-        raise SystemExit(f"--n-samples {n}: needs 2N <= {len(train)} training images for the references")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train), generator=generator)
-    other_train = train.images[order[n:2 * n]]
-    return {
-        "train": train.images[order[:n]],
-        "other_train": other_train,
-        "blurred": blur(other_train),
-        "test": test.images[torch.randperm(len(test), generator=generator)[:n]],
-        "noise": torch.randint(0, 256, (n, *train.image_shape), generator=generator, dtype=torch.uint8),
-    }
-
-
 def machine(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor()
     if Path("/proc/cpuinfo").exists():
@@ -178,8 +119,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
-QUALITY_HEADER = ["model", "training steps", "sampling", "N", "FID", "floor (test vs train)", "blurred real",
-                  "uniform noise", "class accuracy", "IS-like", "diversity", "pixel std"]
+QUALITY_HEADER = ["model", "training steps", "sampling", "N", "FID", "KID", "class accuracy (worst class)",
+                  "pixel std (real)", "clipped (real)", "FID-M"]
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -188,23 +129,25 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
-    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2', '30 Langevin steps, step size 10'."""
+    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2', 'Langevin 20 levels x 2, guidance 2'."""
+    guidance = f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
     if "sampler" in params:
-        words = f"{params['sampler'].upper()} {params['steps']} steps"
-        return words + (f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional")
-    if "step_size" in params:
-        return f"{params['steps']} Langevin steps, step size {params['step_size']:g}"
+        return f"{params['sampler'].upper()} {params['steps']} steps" + guidance
+    if "levels" in params:
+        return (f"Langevin {params['levels']} levels, {params['corrector_steps']} corrector step"
+                f"{'s' if params['corrector_steps'] != 1 else ''}, snr {params['snr']:g}" + guidance)
     return "one forward pass"
 
 
 def quality_row(result: dict[str, Any], label: str) -> list[Any]:
-    refs = result["fid_references"]
     accuracy = result["class_accuracy"]
+    real = result["real_pixels"]
     return [label, result["generator"]["steps"], describe_sampling(result["sampling_params"], accuracy is not None),
-            result["n_samples"], f"{result[result['fid_name']]:.2f}", f"{refs['test_vs_train']:.2f}",
-            f"{refs['blurred_vs_train']:.2f}", f"{refs['noise_vs_train']:.1f}",
-            "—" if accuracy is None else f"{accuracy:.3f}", f"{result['inception_like']:.2f}",
-            f"{result['diversity']:.3f}", f"{result['pixel_std']:.3f}"]
+            result["n_samples"], f"{result['fid']:.1f}", f"{result['kid']:.4f}",
+            "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
+            f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
+            f"{result['clipped_fraction']:.4f} ({real['clipped_fraction']:.4f})",
+            "—" if result.get("fid_m") is None else f"{result['fid_m']:.2f}"]
 
 
 def main() -> None:
@@ -226,36 +169,37 @@ def main() -> None:
                                                     device)
     if classifier_config["dataset"] != dataset:
         raise SystemExit(f"{args.model} is measured with a {dataset} classifier, not {classifier_config['dataset']}")
-    data = args.data or DEFAULT_PATHS[dataset]
-    train, test = ImageDataset(data), ImageDataset(data, split="test")
+    train = ImageDataset(args.data or DEFAULT_PATHS[dataset])
     generator_training = pipeline.config.get("training", {})
     if generator_training.get("data_sha256") not in (None, train.sha256):
-        print(f"warning: {checkpoint} was trained on other data than {data}")
+        print(f"warning: {checkpoint} was trained on other data than {train.path}")
 
     images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
                             args.batch_size, args.seed)
-    features, logits = classify(classifier, images, args.batch_size, device)
-    references = real_sets(train, test, args.n_samples, args.seed)
-    real = {name: classify(classifier, x, args.batch_size, device) for name, x in references.items()}
-    train_features, train_logits = real["train"]
+    inception = load_inception(device)
+    features = inception_features(inception, images, args.batch_size)
+    real_features = reference_features(inception, train, args.reference_size)
+    kid, kid_std = kernel_inception_distance(real_features, features)
+    classifier_features, logits = classify(classifier, images, args.batch_size, device)
+    reference_idx, _ = real_subsets(len(train), args.reference_size)
+    fid_m = None
+    if dataset == "mnist":
+        real_classifier_features, _ = classify(classifier, train.images[reference_idx], args.batch_size, device)
+        fid_m = frechet_distance(real_classifier_features, classifier_features)
 
-    fid_name = FID_NAMES[dataset]
     result = {
         "model": args.model,
-        "fid_name": fid_name,
-        fid_name: fid(train_features, features),
-        "fid_references": {"test_vs_train": fid(train_features, real["test"][0]),
-                           "train_vs_train": fid(train_features, real["other_train"][0]),
-                           "blurred_vs_train": fid(train_features, real["blurred"][0]),
-                           "noise_vs_train": fid(train_features, real["noise"][0])},
-        "class_accuracy": None if labels is None else class_accuracy(logits, labels),
-        "inception_like": inception_like(logits),
-        "inception_like_real": inception_like(train_logits),
-        "diversity": diversity(features, train_features),
-        "pixel_std": pixel_std(images),
-        "pixel_std_real": pixel_std(references["train"]),
+        "fid": frechet_distance(real_features, features),
+        "kid": kid,
+        "kid_std": kid_std,
         "n_samples": len(images),
-        "n_test": len(real["test"][0]),
+        "reference": {"split": "train", "n": args.reference_size, "features": "Inception-v3 pool3 (TF 2015-12-05)"},
+        **pixel_statistics(images),
+        "real_pixels": pixel_statistics(train.images[reference_idx]),
+        "class_accuracy": None if labels is None else class_accuracy(logits, labels),
+        "per_class_accuracy": None if labels is None else per_class_accuracy(logits, labels,
+                                                                             classifier.config.num_classes),
+        "fid_m": fid_m,
         "seed": args.seed,
         "sampling_params": {k: v for k, v in validate(body, pipeline.param_specs()).items()
                             if k not in RESERVED},
