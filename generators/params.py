@@ -138,7 +138,10 @@ class PNGImagesParam(Param):
                 return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, -1)
         except InvalidParameter:
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError:
+            raise InvalidParameter(where, f"declares far more than {self.width}x{self.height} pixels "
+                                          "(a decompression bomb)") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise InvalidParameter(where, f"is not a readable PNG ({type(e).__name__})") from None
 
     def describe(self) -> dict:

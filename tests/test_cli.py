@@ -13,11 +13,12 @@ COMMANDS = {
     "scripts/readme_tables.py": "--check",
     "scripts/sample_report.py": "--threads",
     "-m training.train_diffusion": "--resume",
-    "-m training.train_ebm": "--langevin-steps",
+    "-m training.train_ebm": "--init-from",
     "-m training.train_gan": "--max-minutes",
     "-m training.train_classifier": "--dataset",
     "-m training.evaluate": "--n-samples",
     "-m training.diffusion_val_loss": "--val-images",
+    "-m training.fid_references": "--reference-size",
 }
 
 

@@ -108,3 +108,27 @@ def test_torch_threads_from_the_model_yaml(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_ebm_scores_images_in_a_batch_beside_sampling_requests(tmp_path):
+    tiny_checkpoint(tmp_path / "checkpoint", "ebm")
+    handler = GeneratorHandler()
+    handler.initialize(make_context(tmp_path, 1))
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    outputs, statuses, headers = run(handler, tmp_path, [{"images": [image, image]}, {"images": ["???"]},
+                                                         {"n_images": 1, "seed": 3}])
+    assert statuses == [200, 400, 200]
+    assert len(outputs[0]["energies"]) == 2 and outputs[0]["energies"][0] == outputs[0]["energies"][1]
+    assert outputs[0]["timestep"] == 20 and headers[0]["content-type"] == "application/json"
+    assert outputs[1]["field"] == "images[0]"
+    assert headers[2]["content-type"] == "image/png"
+
+
+def test_models_that_cannot_score_call_images_an_unknown_parameter(tmp_path):
+    tiny_checkpoint(tmp_path / "checkpoint", "gan")
+    handler = GeneratorHandler()
+    handler.initialize(make_context(tmp_path, 1))
+    outputs, statuses, _ = run(handler, tmp_path, [{"images": []}])
+    assert statuses == [400] and outputs[0]["field"] == "images"

@@ -1,8 +1,15 @@
+import base64
+import io
 import math
+import struct
+import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, parse_request, validate
+from generators.params import (COMMON_PARAMS, PNG_SIGNATURE, ClassLabelParam, InvalidParameter, Param,
+                               PNGImagesParam, parse_request, validate)
 
 SPECS = list(COMMON_PARAMS) + [
     Param("steps", int, 50, 1, 1000),
@@ -81,3 +88,67 @@ def test_parse_request_accepts_parsed_and_raw_json():
     assert parse_request({"body": {"n_images": 2}}) == {"n_images": 2}
     assert parse_request({"data": bytearray(b'{"n_images": 2}')}) == {"n_images": 2}
     assert parse_request({"body": '{"n_images": 2}'}) == {"n_images": 2}  # text/plain
+
+
+# ---------------------------------------------------------------- images to score
+
+def png_bytes(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header declares width x height RGB: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024, 9))
+            + chunk(b"IEND", b""))
+
+
+IMAGES = PNGImagesParam("images", width=32, height=32, mode="RGB", max_images=4)
+
+
+def test_png_images_decode_to_pixels():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    decoded = IMAGES.coerce([b64(png_bytes(p)) for p in pixels])
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, pixels)
+
+
+GOOD = b64(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("value,field,words", [
+    ("abc", "images", "list"),
+    ([], "images", "list"),
+    ([GOOD] * 5, "images", "1 to 4"),
+    ([GOOD, 3], "images[1]", "string"),
+    (["%%%"], "images[0]", "base64"),
+    ([b64(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8), fmt="JPEG"))], "images[0]", "not a PNG"),
+    ([b64(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8), fmt="BMP"))], "images[0]", "not a PNG"),
+    ([b64(png_bytes(np.zeros((28, 32, 3), dtype=np.uint8)))], "images[0]", "32x32 RGB"),
+    ([b64(png_bytes(np.zeros((32, 32), dtype=np.uint8)))], "images[0]", "got 32x32 L"),
+    ([b64(png_bytes(np.zeros((32, 32, 4), dtype=np.uint8), "RGBA"))], "images[0]", "got 32x32 RGBA"),
+    ([b64(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8))[:60])], "images[0]", "readable"),  # truncated
+    ([b64(png_declaring(2000, 2000))], "images[0]", "got 2000x2000"),  # header read, pixels never decompressed
+    ([b64(png_declaring(40000, 40000))], "images[0]", "decompression bomb"),
+    ([b64(b"\x00" * 20000)], "images[0]", "larger than"),
+])
+def test_bad_images_are_refused_naming_the_image(value, field, words):
+    with pytest.raises(InvalidParameter) as info:
+        IMAGES.coerce(value)
+    assert info.value.field == field and words in info.value.message, info.value.message
+
+
+def test_a_bomb_is_refused_before_its_pixels_are_read(monkeypatch):
+    loads = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self) or None)
+    with pytest.raises(InvalidParameter):
+        IMAGES.coerce([b64(png_declaring(2000, 2000))])
+    assert loads == []

@@ -12,11 +12,15 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 
-from generators.imaging import grid_size
+from generators.imaging import grid_size, to_uint8
+from generators.params import validate
+from generators.pipelines import load_pipeline
 from scripts.serving_api import ServerError
 from tests.conftest import HTTP_TIMEOUT, MODELS, VERSION, run_archive
 
@@ -26,7 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pixel mode and side of one image; cheap settings so the suite stays fast on 2 CPU cores.
 SPEC = {
     "diffusion": {"mode": "RGB", "side": 32, "fast": {"steps": 5}},
-    "ebm": {"mode": "RGB", "side": 32, "fast": {"steps": 5}},
+    "ebm": {"mode": "RGB", "side": 32, "fast": {"levels": 3}},
     "gan": {"mode": "L", "side": 28, "fast": {}},
 }
 # (width, height) of the PNG for n images: one image, or a near-square grid with 2-pixel padding.
@@ -149,8 +153,9 @@ BAD_BODIES = [
     ("diffusion", {"class_label": "dragon"}, "class_label"),
     ("diffusion", {"guidance_scale": "strong", "class_label": "cat"}, "guidance_scale"),
     ("diffusion", {"n_images": 64, "steps": 1000}, ("n_images", "steps")),
-    ("ebm", {"steps": 0}, "steps"),
-    ("ebm", {"n_images": 64, "steps": 1000}, ("n_images", "steps")),
+    ("ebm", {"levels": 0}, "levels"),
+    ("ebm", {"n_images": 64, "levels": 1000}, ("n_images", "levels")),
+    ("ebm", {"steps": 5}, "steps"),  # a diffusion parameter is unknown to the EBM
     ("ebm", {"digit": 3}, "digit"),  # a GAN parameter is unknown to the EBM
     ("gan", [1, 2], "body"),
     ("gan", 4, "body"),
@@ -305,7 +310,7 @@ def test_customized_metadata(server, client, model):
     assert {"n_images", "seed", "format"} <= set(parameters)
     assert parameters["n_images"]["max"] == 64 and parameters["n_images"]["default"] == 1
     expected = {"diffusion": {"steps", "sampler", "class_label", "guidance_scale"},
-                "ebm": {"steps", "step_size", "noise_scale"}, "gan": {"digit"}}[model]
+                "ebm": {"levels", "corrector_steps", "snr", "class_label", "guidance_scale"}, "gan": {"digit"}}[model]
     assert expected <= set(parameters)
 
 
@@ -366,3 +371,51 @@ def test_concurrent_requests_are_answered_independently(server, client):
         else:
             assert response.status_code == 200, response.text[:300]
             assert response.content == reference[expected]
+
+
+# ---------------------------------------------------------------- served == in-process
+
+
+@pytest.mark.parametrize("model,extra", [("diffusion", {"class_label": "ship"}), ("ebm", {"class_label": "cat"}),
+                                         ("gan", {})], ids=["diffusion", "ebm", "gan"])
+def test_served_sample_equals_the_in_process_one(server, client, model, extra):
+    body = params(model, n_images=2, seed=2024, format="json", **extra)
+    served = client.generate(model, body).json()["images"]
+    pipeline = load_pipeline(server.checkpoints[model])
+    local = to_uint8(pipeline.sample(validate(body, pipeline.param_specs()), torch.Generator().manual_seed(2024)))
+    for encoded, expected in zip(served, local):
+        pixels = np.asarray(decode_png(base64.b64decode(encoded)), dtype=np.int16).reshape(expected.shape)
+        # the worker may use another thread count, so float sums can round differently: 1 grey level at most
+        assert np.abs(pixels - expected.astype(np.int16)).max() <= 1
+
+
+# ---------------------------------------------------------------- EBM energies
+
+
+def png_base64(pixels: np.ndarray, mode: str = "RGB") -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_ebm_scores_posted_images(client):
+    rng = np.random.default_rng(0)
+    flat = np.full((32, 32, 3), 120, dtype=np.uint8)
+    images = [png_base64(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), png_base64(flat)]
+    first = client.generate("ebm", {"images": images}).json()
+    again = client.generate("ebm", {"images": images, "timestep": first["timestep"]}).json()
+    assert len(first["energies"]) == 2 and all(np.isfinite(first["energies"]))
+    assert first["energies"] == again["energies"]
+    assert first["energies"][0] != first["energies"][1]
+
+
+def test_bad_images_to_score_are_rejected_and_the_worker_lives(server, client):
+    good = png_base64(np.zeros((32, 32, 3), dtype=np.uint8))
+    for body, field in [({"images": ["not base64!"]}, "images[0]"),
+                        ({"images": [good, png_base64(np.zeros((32, 33, 3), dtype=np.uint8))]}, "images[1]"),
+                        ({"images": [png_base64(np.zeros((32, 32, 4), dtype=np.uint8), "RGBA")]}, "images[0]"),
+                        ({"images": [good] * 65}, "images"),
+                        ({"images": []}, "images"),
+                        ({"images": [good], "n_images": 2}, "n_images")]:
+        assert_rejected(server.post_raw("ebm", json.dumps(body)), field)
+    assert len(client.generate("ebm", {"images": [good]}).json()["energies"]) == 1

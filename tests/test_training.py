@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {
     "diffusion": (["--base-channels", "16", "--channel-mults", "1", "2", "--attention-resolutions",
                    "--serve-steps", "2", "--batch-size", "4"], (32, 32, 3)),
-    "ebm": (["--n-f", "8", "--langevin-steps", "2", "--batch-size", "4"], (32, 32, 3)),
+    "ebm": (["--base-channels", "16", "--channel-mults", "1", "2", "--attention-resolutions", "16",
+             "--serve-levels", "2", "--batch-size", "4"], (32, 32, 3)),
     "gan": (["--z-dim", "8", "--g-channels", "16", "--d-channels", "16", "--batch-size", "4"], (28, 28)),
 }
 

@@ -38,7 +38,7 @@ from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_device
 from training.data import DEFAULT_PATHS, ImageDataset
-from training.fid import (frechet_distance, inception_features, kernel_inception_distance, load_inception,
+from training.fid import (CACHE_DIR, frechet_distance, inception_features, kernel_inception_distance, load_inception,
                           pixel_statistics, reference_features, real_subsets)
 
 # model -> (data set its classifier and reference images come from, parameter that picks a class)
@@ -53,6 +53,7 @@ parser.add_argument("--classifier", type=Path, default=None, help="default: chec
 parser.add_argument("--data", type=Path, default=None, help="Keras-layout .npz (default: the shared copy)")
 parser.add_argument("--n-samples", type=int, default=2000)
 parser.add_argument("--reference-size", type=int, default=10000, help="training images the FID and KID compare with")
+parser.add_argument("--fid-cache", type=Path, default=CACHE_DIR, help="where real-image Inception features are kept")
 parser.add_argument("--params", default="{}", help="JSON of sampling parameters, as a request would give them")
 parser.add_argument("--batch-size", type=int, default=250, help="images per sampling and feature batch")
 parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the choice of real images")
@@ -129,14 +130,15 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
-    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2', 'Langevin 20 levels x 2, guidance 2'."""
+    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2',
+    'Langevin 20 levels, 1 corrector step, snr 0.16, guidance 2'."""
+    if "sampler" not in params and "levels" not in params:
+        return "one forward pass"
     guidance = f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
     if "sampler" in params:
         return f"{params['sampler'].upper()} {params['steps']} steps" + guidance
-    if "levels" in params:
-        return (f"Langevin {params['levels']} levels, {params['corrector_steps']} corrector step"
-                f"{'s' if params['corrector_steps'] != 1 else ''}, snr {params['snr']:g}" + guidance)
-    return "one forward pass"
+    corrector = f"{params['corrector_steps']} corrector step{'s' if params['corrector_steps'] != 1 else ''}"
+    return f"Langevin {params['levels']} levels, {corrector}, snr {params['snr']:g}" + guidance
 
 
 def quality_row(result: dict[str, Any], label: str) -> list[Any]:
@@ -178,7 +180,7 @@ def main() -> None:
                             args.batch_size, args.seed)
     inception = load_inception(device)
     features = inception_features(inception, images, args.batch_size)
-    real_features = reference_features(inception, train, args.reference_size)
+    real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
     kid, kid_std = kernel_inception_distance(real_features, features)
     classifier_features, logits = classify(classifier, images, args.batch_size, device)
     reference_idx, _ = real_subsets(len(train), args.reference_size)

@@ -117,10 +117,10 @@ def pixel_statistics(images: torch.Tensor) -> dict[str, float]:
     return {"pixel_std": float(x.std(dim=1).mean()), "clipped_fraction": float(clipped)}
 
 
-def cached_features(network: torch.jit.ScriptModule, images: torch.Tensor, key: str,
-                    batch_size: int = 100) -> torch.Tensor:
+def cached_features(network: torch.jit.ScriptModule, images: torch.Tensor, key: str, batch_size: int = 100,
+                    cache_dir: Path = CACHE_DIR) -> torch.Tensor:
     """Features of a fixed real-image set, computed once; `key` must name the data, split and selection."""
-    path = CACHE_DIR / f"{hashlib.sha256((key + INCEPTION_SHA256).encode()).hexdigest()[:24]}.npy"
+    path = Path(cache_dir) / f"{hashlib.sha256((key + INCEPTION_SHA256).encode()).hexdigest()[:24]}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path))
     features = inception_features(network, images, batch_size, desc=f"inception ({key[:40]})")
@@ -139,7 +139,9 @@ def real_subsets(n_images: int, reference: int, others: int = 0, seed: int = 0) 
     return order[:reference], order[reference:reference + others]
 
 
-def reference_features(network: torch.jit.ScriptModule, dataset, n: int, seed: int = 0) -> torch.Tensor:
+def reference_features(network: torch.jit.ScriptModule, dataset, n: int, seed: int = 0,
+                       cache_dir: Path = CACHE_DIR) -> torch.Tensor:
     """Cached features of the fixed n-image reference set of an ImageDataset (see real_subsets)."""
     idx, _ = real_subsets(len(dataset), n, seed=seed)
-    return cached_features(network, dataset.images[idx], f"{dataset.sha256}:{dataset.split}:perm{seed}:{n}")
+    return cached_features(network, dataset.images[idx], f"{dataset.sha256}:{dataset.split}:perm{seed}:{n}",
+                           cache_dir=cache_dir)
