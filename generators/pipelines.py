@@ -14,6 +14,7 @@ from torch import nn
 from generators.checkpoint import load_checkpoint
 from generators.ebm import EnergyModel, LangevinConfig, annealed_langevin
 from generators.gan import GANConfig, Generator
+from generators.guidance import Guidance
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
 from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, PNGImagesParam, describe
 from generators.schedulers import SCHEDULERS, make_scheduler
@@ -22,24 +23,24 @@ from generators.unet import UNet, UNetConfig
 
 @torch.no_grad()
 def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: int, n: int,
-                     labels: torch.Tensor | None, guidance_scale: float,
+                     labels: torch.Tensor | None, guidance: Guidance,
                      generator: torch.Generator | None) -> torch.Tensor:
-    """Reverse diffusion from pure noise; classifier-free guidance when labels are given and scale != 1."""
+    """Reverse diffusion from pure noise; classifier-free guidance when labels are given, at the steps
+    where `guidance` is active."""
     device = next(unet.parameters()).device
     c = unet.config
     scheduler = make_scheduler(sampler, alpha_bar)
     scheduler.set_timesteps(steps)
     x = torch.randn((n, c.in_channels, c.image_size, c.image_size), generator=generator).to(device)
-    guided = labels is not None and guidance_scale != 1.0
     if labels is not None:
         labels = labels.to(device)
     for t in scheduler.timesteps:
         t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-        if guided:
+        if labels is not None and guidance.active(t):
             null = torch.full_like(labels, unet.null_class)
-            eps_cond, eps_uncond = unet(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                        torch.cat([labels, null])).chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            eps_cond, eps_null = unet(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                      torch.cat([labels, null])).chunk(2)
+            eps = guidance.combine(eps_cond, eps_null, x, float(alpha_bar[t]))
         else:
             eps = unet(x, t_batch, labels)
         x = scheduler.step(eps, t, x, generator)
@@ -138,15 +139,39 @@ class DiffusionPipeline(Pipeline):
             Param("sampler", str, self.defaults["sampler"], choices=tuple(SCHEDULERS),
                   help="ddpm: ancestral (stochastic); ddim: deterministic given the seed"),
         ]
-        return specs + class_params(self.class_names, self.defaults["guidance_scale"])
+        if not self.class_names:
+            return specs
+        last = len(self.alpha_bar) - 1
+        return specs + class_params(self.class_names, self.defaults["guidance_scale"]) + [
+            Param("guidance_t_min", int, self.defaults.get("guidance_t_min", 0), 0, last,
+                  help="guide only at timesteps >= this (0 = down to the end)"),
+            Param("guidance_t_max", int, self.defaults.get("guidance_t_max", last), 0, last,
+                  help="guide only at timesteps <= this (the first step is at the last timestep)"),
+            Param("guidance_rescale", float, self.defaults.get("guidance_rescale", 0.0), 0.0, 1.0,
+                  help="pull the guided image's contrast back toward the conditional one (0 = off)"),
+        ]
+
+    def guidance(self, params: dict[str, Any]) -> Guidance:
+        if "class_label" not in params:
+            return Guidance()
+        return Guidance(params["guidance_scale"], params["guidance_t_min"], params["guidance_t_max"],
+                        params["guidance_rescale"])
+
+    def check_work(self, params):
+        if params.get("guidance_t_min", 0) > params.get("guidance_t_max", len(self.alpha_bar)):
+            raise InvalidParameter("guidance_t_min, guidance_t_max", "guidance_t_min must not exceed guidance_t_max")
+        super().check_work(params)
 
     def work(self, params):
-        return params["n_images"] * params["steps"] * (2 if guided(params) else 1)
+        scheduler = make_scheduler(params["sampler"], self.alpha_bar)
+        scheduler.set_timesteps(params["steps"])
+        guidance = self.guidance(params)
+        guided_steps = sum(guidance.active(t) for t in scheduler.timesteps) if "class_label" in params else 0
+        return params["n_images"] * (params["steps"] + guided_steps)
 
     def sample(self, params, generator):
         return sample_diffusion(self.unet, self.alpha_bar, params["sampler"], params["steps"], params["n_images"],
-                                class_labels(params),
-                                params.get("guidance_scale", 1.0), generator)
+                                class_labels(params), self.guidance(params), generator)
 
 
 class EBMPipeline(Pipeline):

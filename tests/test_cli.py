@@ -12,6 +12,7 @@ COMMANDS = {
     "scripts/client.py": "generate",
     "scripts/readme_tables.py": "--check",
     "scripts/sample_report.py": "--threads",
+    "scripts/set_defaults.py": "NAME=VALUE",
     "-m training.train_diffusion": "--resume",
     "-m training.train_ebm": "--init-from",
     "-m training.train_gan": "--max-minutes",

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from generators.gaussian_diffusion import GaussianDiffusion, ScheduleConfig, alphas_cumprod
+from generators.guidance import Guidance
 from generators.pipelines import sample_diffusion
 from generators.schedulers import SCHEDULERS, make_scheduler
 from generators.unet import UNet, UNetConfig
@@ -28,7 +29,7 @@ class OracleDenoiser(torch.nn.Module):
 @pytest.mark.parametrize("steps", [2, 10, 100])
 def test_samplers_recover_the_data_point(sampler, steps):
     target = torch.rand(3, 8, 8) * 1.6 - 0.8
-    out = sample_diffusion(OracleDenoiser(target), ALPHA_BAR, sampler, steps, 4, None, 1.0,
+    out = sample_diffusion(OracleDenoiser(target), ALPHA_BAR, sampler, steps, 4, None, Guidance(),
                            torch.Generator().manual_seed(0))
     assert torch.allclose(out, target.expand_as(out), atol=1e-4)
 

@@ -11,6 +11,7 @@ import torch
 
 from generators.checkpoint import save_checkpoint
 from generators.gaussian_diffusion import GaussianDiffusion, ScheduleConfig
+from generators.guidance import Guidance
 from generators.pipelines import sample_diffusion
 from generators.unet import UNet, UNetConfig
 from training.common import EMA, TrainingRun, base_parser, setup, stamp
@@ -62,7 +63,7 @@ def main() -> None:
 
     def sample(ema_model: UNet, labels: torch.Tensor) -> torch.Tensor:
         return sample_diffusion(ema_model, diffusion.alphas_cumprod, args.serve_sampler, args.serve_steps,
-                                len(labels), labels, args.serve_guidance, torch.Generator().manual_seed(0))
+                                len(labels), labels, Guidance(args.serve_guidance), torch.Generator().manual_seed(0))
 
     forward = torch.compile(model) if args.compile else model  # shares model's parameters; state is saved from model
     train_denoiser(args, model, ema, optimizer, run, diffusion, data, device, export, sample, forward)
