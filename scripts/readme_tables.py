@@ -6,6 +6,7 @@
 
 Quality rows come from checkpoints/<model>/quality.json (training/evaluate.py on the served
 weights), then docs/quality/<model>-*.json (baselines and other settings of the same script).
+The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py).
 Speed rows come from docs/sampling_speed.json (scripts/sample_report.py). Each table sits between
 `<!-- name -->` and `<!-- /name -->` markers in the README.
 """
@@ -39,12 +40,28 @@ def parse_args() -> argparse.Namespace:
 def quality_table(checkpoints: Path, docs: Path) -> str:
     rows = []
     for model in MODELS:
-        served = json.loads((checkpoints / model / "quality.json").read_text())
-        rows.append(quality_row(served, f"{model} ({served['fid_name'].upper().replace('_', '-')})"))
+        served = checkpoints / model / "quality.json"
+        if served.exists():
+            rows.append(quality_row(json.loads(served.read_text()), f"{model} (served default)"))
         for path in sorted((docs / "quality").glob(f"{model}-*.json"), key=natural_order):
             label = path.stem.replace("-", " ").replace(" 100 steps", "")
             rows.append(quality_row(json.loads(path.read_text()), label))
     return markdown_table(QUALITY_HEADER, rows)
+
+
+REFERENCE_HEADER = ["real images vs 10k training images", "N", "FID", "KID", "pixel std", "clipped"]
+
+
+def references_table(docs: Path) -> str:
+    refs = json.loads((docs / "quality" / "fid_references.json").read_text())
+    rows = [[f"test images (both sides {n})", n, f"{r['fid']:.2f}", f"{r['kid']:.4f}", "", ""]
+            for n, r in refs["test_vs_train_by_size"].items()]
+    rows += [[name, r["n"], f"{r['fid']:.1f}", f"{r['kid']:.4f}", f"{r['pixel_std']:.3f}",
+              f"{r['clipped_fraction']:.4f}"] for name, r in refs["ladder"].items()]
+    reference = refs["reference"]
+    rows.append(["(the 10k training reference itself)", reference["n"], "", "", f"{reference['pixel_std']:.3f}",
+                 f"{reference['clipped_fraction']:.4f}"])
+    return markdown_table(REFERENCE_HEADER, rows)
 
 
 def natural_order(path: Path) -> list:
@@ -77,6 +94,7 @@ def main() -> None:
     args = parse_args()
     text = args.readme.read_text()
     updated = replace_between_markers(text, "quality-table", quality_table(args.checkpoints, args.docs))
+    updated = replace_between_markers(updated, "reference-table", references_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
     if args.check:
         if updated != text:
