@@ -20,6 +20,7 @@ COMMANDS = {
     "-m training.evaluate": "--n-samples",
     "-m training.diffusion_val_loss": "--val-images",
     "-m training.fid_references": "--reference-size",
+    "-m training.ebm_ood": "--set-default",
 }
 
 

@@ -66,3 +66,12 @@ def test_sampler_is_deterministic_for_a_seed_and_stays_in_range():
     c = annealed_langevin(model, 2, labels, settings, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (2, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+
+
+def test_auroc_counts_ordered_pairs_and_half_ties():
+    from training.ebm_ood import auroc, digits_as_cifar
+    assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    assert auroc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == 0.375  # (0.5 + 0 + 1 + 0) / 4
+    digits = digits_as_cifar(torch.full((2, 1, 28, 28), 255, dtype=torch.uint8))
+    assert digits.shape == (2, 3, 32, 32) and digits[:, :, 0].max() == 0 and digits[:, :, 2:30, 2:30].min() == 255
