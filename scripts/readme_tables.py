@@ -6,7 +6,8 @@
 
 Quality rows come from checkpoints/<model>/quality.json (training/evaluate.py on the served
 weights), then docs/quality/<model>-*.json (baselines and other settings of the same script).
-The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py).
+The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py), the
+EBM's out-of-distribution table from docs/quality/ebm_ood.json (training/ebm_ood.py).
 Speed rows come from docs/sampling_speed.json (scripts/sample_report.py). Each table sits between
 `<!-- name -->` and `<!-- /name -->` markers in the README.
 """
@@ -64,6 +65,17 @@ def references_table(docs: Path) -> str:
     return markdown_table(REFERENCE_HEADER, rows)
 
 
+def ood_table(docs: Path) -> str:
+    ood = json.loads((docs / "quality" / "ebm_ood.json").read_text())
+    timesteps = list(ood["test_auroc_by_timestep"])
+    header = ["CIFAR-10 test images against", *(f"t = {t}" + (" (served)" if int(t) == ood["chosen_timestep"] else "")
+                                              for t in timesteps)]
+    names = list(ood["test_auroc"])
+    rows = [[f"{name} (N = {ood['n_per_set']})", *(f"{ood['test_auroc_by_timestep'][t][name]:.3f}" for t in timesteps)]
+            for name in names]
+    return markdown_table(header, rows)
+
+
 def natural_order(path: Path) -> list:
     """Sort key that puts 'guidance-2' before 'guidance-10'."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.stem)]
@@ -95,6 +107,7 @@ def main() -> None:
     text = args.readme.read_text()
     updated = replace_between_markers(text, "quality-table", quality_table(args.checkpoints, args.docs))
     updated = replace_between_markers(updated, "reference-table", references_table(args.docs))
+    updated = replace_between_markers(updated, "ood-table", ood_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
     if args.check:
         if updated != text:

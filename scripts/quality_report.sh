@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every quality figure and grid in the README, from the committed checkpoints, in one command:
+#   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
+#   scripts/quality_report.sh sweeps     # only the diffusion guidance sweep
+# Stop training first: a run beside it halves every figure's speed and skews the timings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+EVAL="$PY -m training.evaluate"
+part=${1:-all}
+
+if [[ $part == all || $part == references ]]; then
+  $PY -m training.fid_references --n 1000 --test-sizes 1000
+fi
+if [[ $part == all || $part == sweeps ]]; then
+  # diffusion guidance settings at N = 500, DDIM 20 steps (KID is unbiased at this N; FID only compares at equal N)
+  sweep() { $EVAL --model diffusion --n-samples 500 --params "$2" --out "docs/quality/diffusion-sweep-$1.json"; }
+  sweep guidance-8 '{"steps": 20, "guidance_scale": 8}'
+  sweep guidance-2 '{"steps": 20, "guidance_scale": 2}'
+  sweep guidance-4-interval '{"steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep guidance-4-rescale '{"steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
+fi
+if [[ $part == all || $part == served ]]; then
+  $EVAL --model diffusion --n-samples 1000
+  $EVAL --model ebm --n-samples 1000
+  $EVAL --model gan --n-samples 1000
+  $PY -m training.ebm_ood
+fi
+if [[ $part == all || $part == grids ]]; then
+  $PY scripts/sample_report.py
+fi
+$PY scripts/readme_tables.py
