@@ -120,7 +120,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
-QUALITY_HEADER = ["model", "training steps", "sampling", "N", "FID", "KID", "class accuracy (worst class)",
+QUALITY_HEADER = ["model", "training steps", "sampling", "N vs training images", "FID", "KID", "class accuracy (worst class)",
                   "pixel std (real)", "clipped (real)", "FID-M"]
 
 
@@ -145,7 +145,7 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
     accuracy = result["class_accuracy"]
     real = result["real_pixels"]
     return [label, result["generator"]["steps"], describe_sampling(result["sampling_params"], accuracy is not None),
-            result["n_samples"], f"{result['fid']:.1f}", f"{result['kid']:.4f}",
+            f"{result['n_samples']} vs {result['reference']['n']}", f"{result['fid']:.1f}", f"{result['kid']:.4f}",
             "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
             f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
             f"{result['clipped_fraction']:.4f} ({real['clipped_fraction']:.4f})",
