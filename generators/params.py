@@ -1,7 +1,8 @@
 """Declarative request parameters: one place for types, ranges, defaults and the error messages.
 
 The handler validates a JSON body against a model's specs; `describe` lists the same specs
-for `GET /models/{name}?customized=true`, so documentation and enforcement cannot drift.
+for `GET /models/{name}?customized=true` and `json_schema` writes them as the OpenAPI schema of
+docs/openapi.json, so documentation and enforcement cannot drift.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 MAX_SEED = 2**63 - 1
+JSON_TYPES = {int: "integer", float: "number", str: "string"}
+DESCRIBE_NAMES = {"description": "help", "minimum": "min", "maximum": "max", "enum": "choices"}
 
 
 class InvalidParameter(ValueError):
@@ -59,16 +62,21 @@ class Param:
         return f" in [{self.low}, {self.high}]"
 
     def describe(self) -> dict:
-        d = {"type": {int: "integer", float: "number", str: "string"}[self.kind], "help": self.help}
-        if self.default is not None:
-            d["default"] = self.default
-        if self.low is not None:
-            d["min"] = self.low
-        if self.high is not None:
-            d["max"] = self.high
+        """The json_schema facts under the names `GET /models/{name}?customized=true` lists them with."""
+        return {DESCRIBE_NAMES.get(key, key): value for key, value in self.json_schema().items()}
+
+    def json_schema(self) -> dict[str, Any]:
+        """The OpenAPI 3.0 schema of the values `coerce` accepts (types, bounds, choices) and the default."""
+        schema: dict[str, Any] = {"type": JSON_TYPES[self.kind], "description": self.help}
         if self.choices:
-            d["choices"] = list(self.choices)
-        return d
+            schema["enum"] = list(self.choices)
+        if self.low is not None:
+            schema["minimum"] = self.low
+        if self.high is not None:
+            schema["maximum"] = self.high
+        if self.default is not None:
+            schema["default"] = self.default
+        return schema
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,11 @@ class ClassLabelParam(Param):
         return {"type": "string or integer", "help": self.help, "choices": list(self.choices),
                 "min": 0, "max": len(self.choices) - 1}
 
+    def json_schema(self) -> dict[str, Any]:
+        return {"description": f"{self.help} (the server also takes names in any case)",
+                "oneOf": [{"type": "string", "enum": list(self.choices)},
+                          {"type": "integer", "minimum": 0, "maximum": len(self.choices) - 1}]}
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -110,6 +123,11 @@ class PNGImagesParam(Param):
     max_images: int = 64
     max_file_bytes: int = 16384
 
+    @property
+    def max_encoded_length(self) -> int:
+        """Characters of base64 for a file of max_file_bytes."""
+        return 4 * ((self.max_file_bytes + 2) // 3)
+
     def coerce(self, value: Any) -> np.ndarray:
         if not isinstance(value, list) or not 1 <= len(value) <= self.max_images:
             raise InvalidParameter(self.name, f"must be a list of 1 to {self.max_images} base64-encoded PNGs, "
@@ -120,7 +138,7 @@ class PNGImagesParam(Param):
         where = f"{self.name}[{i}]"
         if not isinstance(item, str):
             raise InvalidParameter(where, f"must be a base64-encoded PNG string, got {_summary(item)}")
-        if len(item) > 4 * ((self.max_file_bytes + 2) // 3):
+        if len(item) > self.max_encoded_length:
             raise InvalidParameter(where, f"is larger than {self.max_file_bytes} bytes; a {self.width}x{self.height} "
                                           f"{self.mode} PNG is far smaller")
         try:
@@ -148,6 +166,13 @@ class PNGImagesParam(Param):
         return {"type": "array of base64 PNG strings", "help": self.help, "min_items": 1,
                 "max_items": self.max_images, "image": f"{self.width}x{self.height} {self.mode} PNG",
                 "max_file_bytes": self.max_file_bytes}
+
+    def json_schema(self) -> dict[str, Any]:
+        """Shape only: that each string is base64 of a PNG of the right size and mode is checked by the server."""
+        return {"type": "array", "description": self.help, "minItems": 1, "maxItems": self.max_images,
+                "items": {"type": "string", "format": "byte", "maxLength": self.max_encoded_length,
+                          "description": f"base64 of a {self.width}x{self.height} {self.mode} PNG of at most "
+                                         f"{self.max_file_bytes} bytes"}}
 
 
 def _summary(value: Any) -> str:
@@ -184,6 +209,16 @@ def validate(body: Any, specs: Sequence[Param]) -> dict[str, Any]:
 
 def describe(specs: Sequence[Param]) -> dict[str, dict]:
     return {p.name: p.describe() for p in specs}
+
+
+def json_schema(specs: Sequence[Param], required: Sequence[str] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.0 schema of a body `validate(body, specs)` accepts: an object of exactly these parameters
+    (bounds that involve several parameters, such as a pipeline's work cap, are left to the server)."""
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                              "properties": {p.name: p.json_schema() for p in specs}}
+    if required:
+        schema["required"] = list(required)
+    return schema
 
 
 EMPTY_BODY_HINT = ('send a JSON object such as {"n_images": 4} with the header Content-Type: application/json')

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from generators.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint  # noqa: E402
 from generators.params import validate  # noqa: E402
 from generators.pipelines import load_pipeline  # noqa: E402
-from scripts.serving_api import TorchServeClient  # noqa: E402
+from scripts.serving_api import TorchServeClient, reports_failures  # noqa: E402
 
 HANDLER = ROOT / "handlers" / "generator_handler.py"
 
@@ -118,6 +118,7 @@ def _tool_env() -> dict:
     return env
 
 
+@reports_failures
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     target, model_name = build_archive(args.checkpoint, args.version, args.model_store, args.model_name, args.model_config)
@@ -130,4 +131,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

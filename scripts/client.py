@@ -6,6 +6,10 @@
     python scripts/client.py scale ebm 2
     python scripts/client.py describe diffusion
     python scripts/client.py health
+
+A failure (server down, key file missing or unreadable, a refused request, a timeout) is one line on
+stderr and a non-zero exit status: 1 unhealthy or a server error, 2 a refused request or key, 3 no answer.
+An expired key is renewed with the API key in the key file and the request retried.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.serving_api import ServerError, TorchServeClient  # noqa: E402
+from scripts.serving_api import TorchServeClient, reports_failures  # noqa: E402
 
 
 def parse_value(text: str):
@@ -58,30 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_failures
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     client = TorchServeClient(args.inference_url, args.management_url, args.key_file)
-    try:
-        if args.command == "generate":
-            params = {k: v for k, v in (("n_images", args.n_images), ("seed", args.seed), ("format", args.format))
-                      if v is not None}
-            for item in args.param:
-                key, sep, value = item.partition("=")
-                if not sep:
-                    raise SystemExit(f"--param needs KEY=VALUE, got {item!r}")
-                params[key] = parse_value(value)
-            response = client.generate(args.model, params, version=args.version)
-            args.output.write_bytes(response.content)
-            print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
-        elif args.command == "scale":
-            print(client.scale(args.model, args.workers, version=args.version)["status"])
-        elif args.command == "health":
-            return 0 if client.healthy() else 1
-        elif args.command == "describe":
-            print(json.dumps(client.describe(args.model, version=args.version, customized=True), indent=2))
-    except ServerError as error:
-        print(error, file=sys.stderr)
-        return 1
+    if args.command == "generate":
+        params = {k: v for k, v in (("n_images", args.n_images), ("seed", args.seed), ("format", args.format))
+                  if v is not None}
+        for item in args.param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--param needs KEY=VALUE, got {item!r}")
+            params[key] = parse_value(value)
+        response = client.generate(args.model, params, version=args.version)
+        args.output.write_bytes(response.content)
+        print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
+    elif args.command == "scale":
+        print(client.scale(args.model, args.workers, version=args.version)["status"])
+    elif args.command == "health":
+        return 0 if client.healthy() else 1
+    elif args.command == "describe":
+        print(json.dumps(client.describe(args.model, version=args.version, customized=True), indent=2))
     return 0
 
 

@@ -4,6 +4,7 @@ The `server` fixture (session scope) snapshots the checkpoints, builds the archi
 `scripts/archive.py`, starts TorchServe on free ports from a config derived from the repo's
 `config.properties` (same security settings), waits until every worker is READY, and always
 stops that server (and only that one: its pid file lives under a per-session TEMP dir).
+`running_server` does the same for other models or settings (e.g. a short token expiry).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import psutil
 import pytest
@@ -44,7 +46,7 @@ class Server:
     management_url: str
     metrics_url: str
     env: dict[str, str]
-    checkpoints: dict[str, Path]  # consistent snapshots of checkpoints/<model>
+    checkpoints: dict[str, Path]  # consistent snapshots of checkpoints/<model>, one per served model
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # their config.json
     pid: int | None = None
 
@@ -118,13 +120,13 @@ def run_archive(checkpoint: Path, version: str, model_store: Path, *extra: str,
 
 
 def build_archives(server: Server) -> None:
-    """archive.py for the three checkpoints, concurrently (each mostly waits on imports)."""
+    """archive.py for the served checkpoints, concurrently (each mostly waits on imports)."""
     procs = {
         m: subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "archive.py"), str(server.checkpoints[m]), "--version", VERSION,
+            [sys.executable, str(ROOT / "scripts" / "archive.py"), str(checkpoint), "--version", VERSION,
              "--model-store", str(server.model_store)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for m in MODELS
+        for m, checkpoint in server.checkpoints.items()
     }
     failures = []
     for m, proc in procs.items():
@@ -144,7 +146,7 @@ def _alive(pid: int) -> bool:
 
 def wait_ready(server: Server, timeout: float = STARTUP_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
-    pending: set[str] = set(MODELS)
+    pending: set[str] = set(server.checkpoints)
     last_error = ""
     while time.monotonic() < deadline:
         if server.pid is not None and not _alive(server.pid):
@@ -198,9 +200,10 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    root = tmp_path_factory.mktemp("torchserve")
+@contextmanager
+def running_server(root: Path, models: Sequence[str] = MODELS, settings: dict[str, str] | None = None
+                   ) -> Iterator[Server]:
+    """TorchServe in `root` serving `models`, with the repo's config.properties plus `settings`; always stopped."""
     temp = root / "temp"
     temp.mkdir()
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
@@ -215,10 +218,10 @@ def server(tmp_path_factory) -> Server:
         root=root, model_store=root / "model_store",
         inference_url=f"http://127.0.0.1:{inference}", management_url=f"http://127.0.0.1:{management}",
         metrics_url=f"http://127.0.0.1:{metrics}", env=env,
-        checkpoints={m: root / "checkpoints" / m for m in MODELS},
+        checkpoints={m: root / "checkpoints" / m for m in models},
     )
     server.model_store.mkdir()
-    for m in MODELS:
+    for m in models:
         if not (CHECKPOINTS / m / "config.json").exists():
             pytest.fail(f"{CHECKPOINTS / m} has no checkpoint; train it first "
                         f"(or set SERVING_TEST_CHECKPOINTS for a local debug run)")
@@ -234,6 +237,7 @@ def server(tmp_path_factory) -> Server:
         "grpc_inference_port": str(grpc_inference),
         "grpc_management_port": str(grpc_management),
         "model_store": str(server.model_store),
+        **(settings or {}),
     })
 
     started = False
@@ -242,7 +246,7 @@ def server(tmp_path_factory) -> Server:
         with open(root / "torchserve.out", "wb") as out:  # a file, never a pipe: java keeps it open
             start = subprocess.run(
                 [str(VENV_BIN / "torchserve"), "--start", "--ncs", "--ts-config", str(root / "config.properties"),
-                 "--models", *[f"{m}={m}-{VERSION}.mar" for m in MODELS]],
+                 "--models", *[f"{m}={m}-{VERSION}.mar" for m in models]],
                 cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=60)
         pid_file = temp / ".model_server.pid"
         if start.returncode != 0 or not pid_file.exists():
@@ -253,3 +257,9 @@ def server(tmp_path_factory) -> Server:
     finally:
         if started:
             stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("torchserve")) as started:
+        yield started

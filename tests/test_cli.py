@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {
     "scripts/archive.py": "--register",
     "scripts/client.py": "generate",
+    "scripts/openapi.py": "--check",
     "scripts/readme_tables.py": "--check",
     "scripts/sample_report.py": "--threads",
     "scripts/set_defaults.py": "NAME=VALUE",
