@@ -95,6 +95,19 @@ def speed_table(docs: Path) -> str:
     return markdown_table(SPEED_HEADER, rows)
 
 
+def machines_line(checkpoints: Path, docs: Path) -> str:
+    """The machines the tables' JSON files say they were measured on, so the README never names one by hand."""
+    files = [*sorted(checkpoints.glob("*/quality.json")), *sorted((docs / "quality").glob("*.json")),
+             docs / "sampling_speed.json"]
+    seen: dict[str, list[str]] = {}
+    for path in files:
+        m = json.loads(path.read_text()).get("machine")
+        if m:
+            name = f"{m['cpu_count']}-core {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "") + f", torch {m['torch']}"
+            seen.setdefault(name, []).append(path.name)
+    return "Measured on: " + "; ".join(f"{name} ({', '.join(names)})" for name, names in seen.items()) + "."
+
+
 def replace_between_markers(text: str, name: str, table: str) -> str:
     pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.DOTALL)
     if not pattern.search(text):
@@ -109,6 +122,7 @@ def main() -> None:
     updated = replace_between_markers(updated, "reference-table", references_table(args.docs))
     updated = replace_between_markers(updated, "ood-table", ood_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
+    updated = replace_between_markers(updated, "machines", machines_line(args.checkpoints, args.docs))
     if args.check:
         if updated != text:
             sys.exit(f"{args.readme} is stale: run scripts/readme_tables.py")

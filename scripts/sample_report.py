@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from generators.imaging import save_grid  # noqa: E402
 from generators.params import validate  # noqa: E402
 from generators.pipelines import load_pipeline  # noqa: E402
+from training.evaluate import machine  # noqa: E402
 
 # (model, label, request parameters, images per class): the grids and timings the README shows. With images per
 # class, the case is one request per class (guidance from the checkpoint unless given), one class per grid column.
@@ -65,8 +66,7 @@ def main() -> None:
     speed_file = args.out / "sampling_speed.json"
     kept = [] if args.only is None or not speed_file.exists() else [
         case for case in json.loads(speed_file.read_text())["cases"] if case["model"] not in args.only]
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                          f"torch {torch.__version__}", "cases": kept}
+    results = {"machine": machine(torch.device("cpu")), "cases": kept}
     for model, label, params, per_class in CASES:
         if args.only is not None and model not in args.only:
             continue
@@ -86,7 +86,7 @@ def main() -> None:
         print(f"{model:9s} {label:26s} {n:3d} images {seconds:7.2f} s  {1000 * seconds / n:8.1f} ms/image  -> {path}")
     order = {(m, label): i for i, (m, label, _, _) in enumerate(CASES)}
     results["cases"].sort(key=lambda case: order.get((case["model"], case["case"]), len(order)))
-    speed_file.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_bytes(speed_file, (json.dumps(results, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":
