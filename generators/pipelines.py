@@ -137,7 +137,8 @@ class DiffusionPipeline(Pipeline):
         specs = super().param_specs() + [
             Param("steps", int, self.defaults["steps"], 1, len(self.alpha_bar), help="denoising steps"),
             Param("sampler", str, self.defaults["sampler"], choices=tuple(SCHEDULERS),
-                  help="ddpm: ancestral (stochastic); ddim: deterministic given the seed"),
+                  help="ddpm: ancestral (stochastic); ddim: deterministic given the seed; "
+                       "dpm++2m: deterministic, second order (DPM-Solver++(2M)), same cost per step as ddim"),
         ]
         if not self.class_names:
             return specs
