@@ -49,6 +49,7 @@ class Server:
     checkpoints: dict[str, Path]  # consistent snapshots of checkpoints/<model>, one per served model
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # their config.json
     pid: int | None = None
+    token_auth: bool = True  # TorchServe writes key_file.json only with token authorization on
 
     @property
     def key_file(self) -> Path:
@@ -119,6 +120,20 @@ def run_archive(checkpoint: Path, version: str, model_store: Path, *extra: str,
         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def snapshot_and_build_archives(server: Server) -> None:
+    """Snapshots of checkpoints/<model> at server.checkpoints, and their archives in server.model_store."""
+    server.model_store.mkdir()
+    for m, snapshot in server.checkpoints.items():
+        if not (CHECKPOINTS / m / "config.json").exists():
+            pytest.fail(f"{CHECKPOINTS / m} has no checkpoint; train it first "
+                        f"(or set SERVING_TEST_CHECKPOINTS for a local debug run)")
+        # A frozen copy: the archives and the metadata checks must see the same weights, even while
+        # a training run keeps saving into checkpoints/.
+        snapshot_checkpoint(CHECKPOINTS / m, snapshot)
+        server.configs[m] = json.loads((snapshot / "config.json").read_text())
+    build_archives(server)
+
+
 def build_archives(server: Server) -> None:
     """archive.py for the served checkpoints, concurrently (each mostly waits on imports)."""
     procs = {
@@ -153,7 +168,7 @@ def wait_ready(server: Server, timeout: float = STARTUP_TIMEOUT) -> None:
             pytest.fail(f"TorchServe (pid {server.pid}) exited during startup\n--- ts_log.log\n"
                         f"{server.log_tail('ts_log.log')}\n--- torchserve.out\n"
                         f"{(server.root / 'torchserve.out').read_text(errors='replace')[-3000:]}")
-        if server.key_file.exists():
+        if server.key_file.exists() or not server.token_auth:
             for m in sorted(pending):
                 try:
                     workers = server.workers(m)
@@ -220,16 +235,7 @@ def running_server(root: Path, models: Sequence[str] = MODELS, settings: dict[st
         metrics_url=f"http://127.0.0.1:{metrics}", env=env,
         checkpoints={m: root / "checkpoints" / m for m in models},
     )
-    server.model_store.mkdir()
-    for m in models:
-        if not (CHECKPOINTS / m / "config.json").exists():
-            pytest.fail(f"{CHECKPOINTS / m} has no checkpoint; train it first "
-                        f"(or set SERVING_TEST_CHECKPOINTS for a local debug run)")
-        # A frozen copy: the archives and the metadata checks must see the same weights, even while
-        # a training run keeps saving into checkpoints/.
-        snapshot_checkpoint(CHECKPOINTS / m, server.checkpoints[m])
-        server.configs[m] = json.loads((server.checkpoints[m] / "config.json").read_text())
-    build_archives(server)
+    snapshot_and_build_archives(server)
     write_config(root / "config.properties", {
         "inference_address": server.inference_url,
         "management_address": server.management_url,
