@@ -2,7 +2,12 @@
 
 A scheduler only needs the training schedule's alpha_bar; it runs any subset of
 the training timesteps ("trailing" spacing, so the first step is always t=T-1).
-The predicted x_0 is clipped to the data range [-1, 1] at every step.
+The predicted x_0 is clipped to the data range [-1, 1] at every step, except where no signal is left
+(alpha_bar below `zero_signal_alpha_bar`; the cosine schedule's last few timesteps, where alpha_bar
+falls to 2.4e-9): there the network's noise error is amplified ~10^4 times, and clipping the result
+turns it into a +-1 pattern that the later steps keep as high-contrast image content (measured on
+the served model: 19 % of pixels at 0 or 255 against 1.7 % in real images). x_0 is taken as 0 there,
+the data mean, the best estimate when x_t holds no signal.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 class Scheduler:
     name = "base"
+    zero_signal_alpha_bar = 1e-4  # below this, x_0 is the data mean (0); see the module docstring
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.alphas_cumprod = alphas_cumprod.double()
@@ -38,9 +44,11 @@ class Scheduler:
         a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else 1.0
         return float(self.alphas_cumprod[t]), a_prev
 
-    @staticmethod
-    def _x0_and_eps(x: torch.Tensor, eps: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+    def _x0_and_eps(self, x: torch.Tensor, eps: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if a < self.zero_signal_alpha_bar:
+            x0 = torch.zeros_like(x)
+        else:
+            x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
         return x0, (x - a**0.5 * x0) / (1 - a) ** 0.5
 
     def step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

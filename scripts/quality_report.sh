@@ -17,6 +17,7 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep() { $EVAL --model diffusion --n-samples 500 --params "$2" --out "docs/quality/diffusion-sweep-$1.json"; }
   sweep guidance-1 '{"steps": 20, "guidance_scale": 1}'
   sweep guidance-2 '{"steps": 20, "guidance_scale": 2}'
+  sweep guidance-3 '{"steps": 20, "guidance_scale": 3}'
   sweep guidance-4-interval '{"steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
   sweep guidance-4-rescale '{"steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
 fi

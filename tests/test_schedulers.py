@@ -38,6 +38,7 @@ def largest_step_difference(sampler: str, steps: int) -> float:
     whose rounding breaks some ties the other way (48 steps: 936 for our 937) and adds a t=-1 for a few counts
     (61 steps)."""
     ours, reference = make_scheduler(sampler, ALPHA_BAR), reference_scheduler()
+    ours.zero_signal_alpha_bar = 0.0  # diffusers clips x_0 at every level; ours takes the data mean at no signal
     ours.set_timesteps(steps)
     reference.set_timesteps(timesteps=ours.timesteps)
     outputs = torch.randn(steps, *SHAPE, generator=torch.Generator().manual_seed(1))
@@ -48,6 +49,25 @@ def largest_step_difference(sampler: str, steps: int) -> float:
         x_reference = reference.step(eps, t, x_reference).prev_sample
         largest = max(largest, (x_ours - x_reference).abs().max().item())
     return largest
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])
+def test_no_signal_step_ignores_the_amplified_x0(sampler):
+    """From t = 999 (alpha_bar 2.4e-9) x_0 is the data mean, so the first step does not depend on what the
+    network says there; with the clipped estimate, a 1e-3 change of the network's output moves it."""
+    def first_step(eps_seed: int, rule_on: bool) -> torch.Tensor:
+        scheduler = make_scheduler(sampler, ALPHA_BAR)
+        scheduler.set_timesteps(20)
+        if not rule_on:
+            scheduler.zero_signal_alpha_bar = 0.0
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        eps = x + 1e-3 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(eps_seed))  # a nearly right net
+        return scheduler.step(eps, scheduler.timesteps[0], x, torch.Generator().manual_seed(3))
+
+    with_rule = [first_step(seed, rule_on=True) for seed in (1, 2)]
+    without_rule = [first_step(seed, rule_on=False) for seed in (1, 2)]
+    torch.testing.assert_close(with_rule[0], with_rule[1])
+    assert (without_rule[0] - without_rule[1]).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20, 50])
