@@ -109,10 +109,10 @@ def machines_line(checkpoints: Path, docs: Path) -> str:
 
 
 def replace_between_markers(text: str, name: str, table: str) -> str:
-    pattern = re.compile(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", re.DOTALL)
+    pattern = re.compile(rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"README has no <!-- {name} --> ... <!-- /{name} --> markers")
-    return pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
 
 
 def main() -> None:
