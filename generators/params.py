@@ -40,13 +40,14 @@ class Param:
     high: float | None = None
     choices: Sequence[str] = ()
     help: str = ""
+    required: bool = False  # absent or null is refused by coerce's own message, not filled with the default
 
     def coerce(self, value: Any) -> Any:
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidParameter(self.name, f"must be an integer{self._range()}, got {value!r}")
         elif self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _is_finite(value):
                 raise InvalidParameter(self.name, f"must be a number{self._range()}, got {value!r}")
             value = float(value)
         elif self.kind is str:
@@ -122,6 +123,7 @@ class PNGImagesParam(Param):
     mode: str = "RGB"
     max_images: int = 64
     max_file_bytes: int = 16384
+    required: bool = True
 
     @property
     def max_encoded_length(self) -> int:
@@ -175,6 +177,14 @@ class PNGImagesParam(Param):
                                          f"{self.max_file_bytes} bytes"}}
 
 
+def _is_finite(value: int | float) -> bool:
+    """math.isfinite, also for JSON integers too large for a float (which it would raise OverflowError on)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _summary(value: Any) -> str:
     """A short description of a bad value, never the whole (possibly huge) thing."""
     if isinstance(value, (list, dict, str, bytes)):
@@ -200,8 +210,8 @@ def validate(body: Any, specs: Sequence[Param]) -> dict[str, Any]:
         raise InvalidParameter(unknown[0], f"unknown parameter; accepted: {sorted(by_name)}")
     out = {}
     for p in specs:
-        if p.name in body and body[p.name] is not None:
-            out[p.name] = p.coerce(body[p.name])
+        if body.get(p.name) is not None or p.required:
+            out[p.name] = p.coerce(body.get(p.name))
         elif p.default is not None:
             out[p.name] = p.default
     return out
@@ -242,6 +252,8 @@ def parse_request(request: dict[str, Any]) -> Any:
     if isinstance(raw, (bytes, bytearray, str)):
         try:
             return json.loads(raw if isinstance(raw, str) else bytes(raw).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an integer of over 4300 digits
             raise InvalidParameter("body", f"is not valid JSON ({e})") from None
+        except RecursionError:
+            raise InvalidParameter("body", "nests arrays or objects too deeply to parse") from None
     return raw
