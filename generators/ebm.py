@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from generators.schedulers import DDIMScheduler, randn_like
+from generators.schedulers import DDIMScheduler, Noise
 from generators.unet import UNet, UNetConfig
 
 
@@ -88,13 +88,15 @@ def guided_noise(model: EnergyModel, x: torch.Tensor, t: torch.Tensor, labels: t
 
 
 def annealed_langevin(model: EnergyModel, n: int, labels: torch.Tensor | None, settings: LangevinConfig,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Predictor-corrector sampling from N(0, I): (n, C, H, W) in [-1, 1]."""
+                      noise: Noise | torch.Generator | None = None) -> torch.Tensor:
+    """Predictor-corrector sampling from N(0, I): (n, C, H, W) in [-1, 1]. Every random draw comes from
+    `noise`, so requests batched together each get their own generator's numbers."""
     device = model.alphas_cumprod.device
     c = model.unet.config
+    noise = Noise.of(noise, n)
     predictor = DDIMScheduler(model.alphas_cumprod.double().cpu())
     predictor.set_timesteps(settings.levels)
-    x = torch.randn((n, c.in_channels, c.image_size, c.image_size), generator=generator).to(device)
+    x = noise.randn((c.in_channels, c.image_size, c.image_size), device)
     if labels is not None:
         labels = labels.to(device)
     timesteps = predictor.timesteps
@@ -102,12 +104,12 @@ def annealed_langevin(model: EnergyModel, n: int, labels: torch.Tensor | None, s
         t_batch = torch.full((n,), t, device=device, dtype=torch.long)
         x = predictor.step(guided_noise(model, x, t_batch, labels, settings.guidance_scale), t, x).detach()
         if i + 1 < len(timesteps):
-            x = langevin_corrector(model, x, timesteps[i + 1], labels, settings, generator)
+            x = langevin_corrector(model, x, timesteps[i + 1], labels, settings, noise)
     return x.clamp(-1, 1)
 
 
 def langevin_corrector(model: EnergyModel, x: torch.Tensor, t: int, labels: torch.Tensor | None,
-                       settings: LangevinConfig, generator: torch.Generator | None) -> torch.Tensor:
+                       settings: LangevinConfig, noise: Noise) -> torch.Tensor:
     """x <- x - delta dE/dx + sqrt(2 delta) z, with delta per image set by the signal-to-noise ratio."""
     n = x.shape[0]
     t_batch = torch.full((n,), t, device=x.device, dtype=torch.long)
@@ -115,7 +117,7 @@ def langevin_corrector(model: EnergyModel, x: torch.Tensor, t: int, labels: torc
     sigma = (1 - abar) ** 0.5
     for _ in range(settings.corrector_steps):
         grad = guided_noise(model, x, t_batch, labels, settings.guidance_scale) / sigma
-        z = randn_like(x, generator)
+        z = noise.randn_like(x)
         ratio = z.flatten(1).norm(dim=1) / grad.flatten(1).norm(dim=1).clamp_min(1e-12)
         delta = (2 * abar * (settings.snr * ratio) ** 2)[:, None, None, None]
         x = (x - delta * grad + (2 * delta).sqrt() * z).detach()

@@ -1,12 +1,16 @@
 """Per-model pipelines: checkpoint -> network on a device -> images from validated parameters.
 
 The handler and the training scripts' sample grids both go through these, so a served
-image is produced exactly as the training run previewed it.
+image is produced exactly as the training run previewed it. Requests whose sampling agrees
+in everything but seeds, sizes and class labels (`Pipeline.group_key`) are sampled as one
+group, concatenated along the batch dimension, with one network forward per step for all of
+them; each request still draws its noise from its own generator, so its images are those it
+gets when sampled alone (up to the rounding of batched kernels).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 from torch import nn
@@ -17,21 +21,24 @@ from generators.gan import GANConfig, Generator
 from generators.guidance import Guidance
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
 from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, PNGImagesParam, describe
-from generators.schedulers import SCHEDULERS, make_scheduler
+from generators.schedulers import SCHEDULERS, Noise, make_scheduler
 from generators.unet import UNet, UNetConfig
+
+MAX_IMAGES = int(next(p.high for p in COMMON_PARAMS if p.name == "n_images"))  # the most one request may ask for
 
 
 @torch.no_grad()
 def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: int, n: int,
                      labels: torch.Tensor | None, guidance: Guidance,
-                     generator: torch.Generator | None) -> torch.Tensor:
+                     noise: Noise | torch.Generator | None) -> torch.Tensor:
     """Reverse diffusion from pure noise; classifier-free guidance when labels are given, at the steps
-    where `guidance` is active."""
+    where `guidance` is active. Every random draw comes from `noise` (one generator, or one per request)."""
     device = next(unet.parameters()).device
     c = unet.config
+    noise = Noise.of(noise, n)
     scheduler = make_scheduler(sampler, alpha_bar)
     scheduler.set_timesteps(steps)
-    x = torch.randn((n, c.in_channels, c.image_size, c.image_size), generator=generator).to(device)
+    x = noise.randn((c.in_channels, c.image_size, c.image_size), device)
     if labels is not None:
         labels = labels.to(device)
     for t in scheduler.timesteps:
@@ -43,7 +50,7 @@ def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: i
             eps = guidance.combine(eps_cond, eps_null, x, float(alpha_bar[t]))
         else:
             eps = unet(x, t_batch, labels)
-        x = scheduler.step(eps, t, x, generator)
+        x = scheduler.step(eps, t, x, noise)
     return x
 
 
@@ -64,10 +71,17 @@ def guided(params: dict[str, Any]) -> bool:
     return "class_label" in params and params.get("guidance_scale", 1.0) != 1.0
 
 
-def class_labels(params: dict[str, Any]) -> torch.Tensor | None:
-    if "class_label" not in params:
+def class_labels(requests: list[dict[str, Any]], null_class: int) -> torch.Tensor | None:
+    """A group's labels, request after request: None when no request asks for a class, else the null
+    class for the rows of those that do not (the networks read a missing label as exactly that)."""
+    if not any("class_label" in params for params in requests):
         return None
-    return torch.full((params["n_images"],), params["class_label"], dtype=torch.long)
+    return torch.cat([torch.full((params["n_images"],), params.get("class_label", null_class), dtype=torch.long)
+                      for params in requests])
+
+
+def request_noise(requests: list[dict[str, Any]], generators: list[torch.Generator]) -> Noise:
+    return Noise([(generator, params["n_images"]) for params, generator in zip(requests, generators)])
 
 
 class Pipeline:
@@ -99,7 +113,36 @@ class Pipeline:
 
     def sample(self, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """(n_images, C, H, W) in [-1, 1]."""
+        return self.sample_group([params], [generator])
+
+    def sample_group(self, requests: list[dict[str, Any]], generators: list[torch.Generator]) -> torch.Tensor:
+        """Requests of one group_key, sampled together: their images concatenated in order, each request's
+        drawn from its own generator."""
         raise NotImplementedError
+
+    def group_key(self, params: dict[str, Any]) -> Hashable:
+        """What requests must share to be sampled together; equal keys give each image the same computation
+        as sampling its request alone."""
+        return ()
+
+    def groups(self, requests: list[dict[str, Any]]) -> list[list[int]]:
+        """Indices of `requests` (validated, within the work cap) to sample together, first fit in arrival
+        order. A group holds one group_key and stays within one request's limits (max_work, and the most
+        images one request may ask for), so it needs no more time or memory than one maximal request."""
+        groups: list[tuple[Hashable, list[int]]] = []
+        for i, params in enumerate(requests):
+            key = self.group_key(params)
+            for group_key, members in groups:
+                if group_key == key and self._fits(requests, members + [i]):
+                    members.append(i)
+                    break
+            else:
+                groups.append((key, [i]))
+        return [members for _, members in groups]
+
+    def _fits(self, requests: list[dict[str, Any]], members: list[int]) -> bool:
+        return (sum(self.work(requests[i]) for i in members) <= self.max_work
+                and sum(requests[i]["n_images"] for i in members) <= MAX_IMAGES)
 
     def scoring_specs(self) -> list[Param]:
         """Parameters of a scoring request (a body with "images"); empty for models that cannot score."""
@@ -163,16 +206,28 @@ class DiffusionPipeline(Pipeline):
             raise InvalidParameter("guidance_t_min, guidance_t_max", "guidance_t_min must not exceed guidance_t_max")
         super().check_work(params)
 
-    def work(self, params):
+    def guided_steps(self, params: dict[str, Any]) -> int:
+        """Steps that pay for the unconditional evaluation as well."""
+        if "class_label" not in params:
+            return 0
         scheduler = make_scheduler(params["sampler"], self.alpha_bar)
         scheduler.set_timesteps(params["steps"])
         guidance = self.guidance(params)
-        guided_steps = sum(guidance.active(t) for t in scheduler.timesteps) if "class_label" in params else 0
-        return params["n_images"] * (params["steps"] + guided_steps)
+        return sum(guidance.active(t) for t in scheduler.timesteps)
 
-    def sample(self, params, generator):
-        return sample_diffusion(self.unet, self.alpha_bar, params["sampler"], params["steps"], params["n_images"],
-                                class_labels(params), self.guidance(params), generator)
+    def work(self, params):
+        return params["n_images"] * (params["steps"] + self.guided_steps(params))
+
+    def group_key(self, params):
+        # Guidance that acts at no step leaves the plain conditional (or, without a label, unconditional) step.
+        return params["sampler"], params["steps"], self.guidance(params) if self.guided_steps(params) else None
+
+    def sample_group(self, requests, generators):
+        first = requests[0]
+        return sample_diffusion(self.unet, self.alpha_bar, first["sampler"], first["steps"],
+                                sum(params["n_images"] for params in requests),
+                                class_labels(requests, self.unet.null_class), self.guidance(first),
+                                request_noise(requests, generators))
 
 
 class EBMPipeline(Pipeline):
@@ -201,10 +256,18 @@ class EBMPipeline(Pipeline):
     def work(self, params):
         return params["n_images"] * params["levels"] * (1 + params["corrector_steps"]) * (2 if guided(params) else 1)
 
-    def sample(self, params, generator):
-        settings = LangevinConfig(levels=params["levels"], corrector_steps=params["corrector_steps"],
-                                  snr=params["snr"], guidance_scale=params.get("guidance_scale", 1.0))
-        return annealed_langevin(self.energy, params["n_images"], class_labels(params), settings, generator)
+    def settings(self, params: dict[str, Any]) -> LangevinConfig:
+        """The request's Langevin settings; an unguided request's scale is 1 (its guidance_scale is then unused)."""
+        return LangevinConfig(levels=params["levels"], corrector_steps=params["corrector_steps"], snr=params["snr"],
+                              guidance_scale=params["guidance_scale"] if guided(params) else 1.0)
+
+    def group_key(self, params):
+        return tuple(self.settings(params).to_dict().values())
+
+    def sample_group(self, requests, generators):
+        return annealed_langevin(self.energy, sum(params["n_images"] for params in requests),
+                                 class_labels(requests, self.energy.null_class), self.settings(requests[0]),
+                                 request_noise(requests, generators))
 
     def scoring_specs(self):
         c = self.energy.unet.config
@@ -235,13 +298,13 @@ class GANPipeline(Pipeline):
         return super().param_specs() + [Param("digit", int, None, 0, k - 1, help="digit to draw; absent: random")]
 
     @torch.no_grad()
-    def sample(self, params, generator):
-        n, cfg = params["n_images"], self.generator.config
-        z = torch.randn((n, cfg.z_dim), generator=generator)
-        if "digit" in params:
-            labels = torch.full((n,), params["digit"], dtype=torch.long)
-        else:
-            labels = torch.randint(0, cfg.num_classes, (n,), generator=generator)
+    def sample_group(self, requests, generators):
+        cfg = self.generator.config
+        z = request_noise(requests, generators).randn((cfg.z_dim,))
+        labels = torch.cat([
+            torch.full((params["n_images"],), params["digit"], dtype=torch.long) if "digit" in params
+            else torch.randint(0, cfg.num_classes, (params["n_images"],), generator=generator)
+            for params, generator in zip(requests, generators)])
         return self.generator(z.to(self.device), labels.to(self.device))
 
 

@@ -12,13 +12,35 @@ x_t holds no signal.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Noise drawn on the generator's device (CPU), so a seed gives the same image on any device."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+class Noise:
+    """Standard normal draws for a batch that concatenates several requests along dim 0.
+
+    Each request's rows come from its own generator, in the same calls and shapes as when it is sampled
+    alone, so a request draws the same numbers whatever it is batched with. Draws are made on the
+    generators' device (CPU) and then moved, so a seed gives the same image on any device.
+    """
+
+    def __init__(self, parts: Sequence[tuple[torch.Generator | None, int]]):
+        self.parts = list(parts)  # (generator, rows); a None generator draws from torch's global one
+
+    @classmethod
+    def of(cls, source: Noise | torch.Generator | None, rows: int) -> Noise:
+        """A sampler's noise argument as a Noise: one generator (or None) serves all `rows`."""
+        return source if isinstance(source, Noise) else cls([(source, rows)])
+
+    def randn(self, shape: Sequence[int], device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(rows, *shape): each part's rows from its own generator."""
+        draws = [torch.randn((rows, *shape), generator=generator, dtype=dtype) for generator, rows in self.parts]
+        return torch.cat(draws).to(device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[1:], x.device, x.dtype)
 
 
 class Scheduler:
@@ -51,7 +73,9 @@ class Scheduler:
             x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
         return x0, (x - a**0.5 * x0) / (1 - a) ** 0.5
 
-    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor,
+             noise: Noise | torch.Generator | None = None) -> torch.Tensor:
+        """x at the next (earlier) timestep; a stochastic rule draws its noise from `noise`."""
         raise NotImplementedError
 
 
@@ -64,13 +88,13 @@ class DDIMScheduler(Scheduler):
         super().__init__(alphas_cumprod)
         self.eta = eta
 
-    def step(self, eps, t, x, generator=None):
+    def step(self, eps, t, x, noise=None):
         a, a_prev = self._alphas(t)
         x0, eps = self._x0_and_eps(x, eps, a)
         sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x_prev = x_prev + sigma * randn_like(x, generator)
+            x_prev = x_prev + sigma * Noise.of(noise, len(x)).randn_like(x)
         return x_prev
 
 
@@ -79,7 +103,7 @@ class DDPMScheduler(Scheduler):
 
     name = "ddpm"
 
-    def step(self, eps, t, x, generator=None):
+    def step(self, eps, t, x, noise=None):
         a, a_prev = self._alphas(t)
         x0, _ = self._x0_and_eps(x, eps, a)
         beta = 1 - a / a_prev
@@ -87,7 +111,7 @@ class DDPMScheduler(Scheduler):
         if a_prev >= 1.0:
             return mean
         variance = beta * (1 - a_prev) / (1 - a)
-        return mean + variance**0.5 * randn_like(x, generator)
+        return mean + variance**0.5 * Noise.of(noise, len(x)).randn_like(x)
 
 
 class DPMSolverPlusPlus2MScheduler(Scheduler):
@@ -113,7 +137,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
     def _lambda(alpha_bar: float) -> float:
         return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
-    def step(self, eps, t, x, generator=None):
+    def step(self, eps, t, x, noise=None):
         a, a_prev = self._alphas(t)
         x0, _ = self._x0_and_eps(x, eps, a)
         lambda_now = self._lambda(a)

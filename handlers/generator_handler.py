@@ -1,8 +1,10 @@
 """TorchServe handler for all three generators: validate -> sample -> encode.
 
 The archive holds the `generators` package and `checkpoint/` (safetensors + config.json);
-the checkpoint's `model_type` picks the pipeline. Each request in a batch is validated and
-answered on its own, so one bad request gets its 400 without failing its neighbours.
+the checkpoint's `model_type` picks the pipeline. Each request in a TorchServe batch is validated
+and answered on its own, so one bad request gets its 400 without failing its neighbours. Valid
+sampling requests are sampled together where the pipeline says they can be (`Pipeline.groups`);
+if such a group fails, its requests are sampled one by one, so only a request that fails alone fails.
 """
 from __future__ import annotations
 
@@ -67,26 +69,51 @@ class GeneratorHandler(BaseHandler):
         return jobs
 
     def inference(self, jobs: list[dict | Exception]) -> list[tuple[dict, torch.Tensor] | Exception]:
-        results: list[tuple[dict, torch.Tensor] | Exception] = []
-        for params in jobs:
-            if isinstance(params, Exception):
-                results.append(params)
-                continue
-            try:
-                if "images" in params:
-                    results.append((params, self.pipeline.score(params)))
-                    self.context.metrics.add_counter("ImagesScored", len(params["images"]), None)
-                    continue
-                start = time.perf_counter()
-                images = self.pipeline.sample(params, torch.Generator().manual_seed(params["seed"]))
-                elapsed_ms = 1000 * (time.perf_counter() - start)
-                self.context.metrics.add_counter("ImagesGenerated", params["n_images"], None)
-                self.context.metrics.add_time("SamplingTimePerImage", elapsed_ms / params["n_images"], None, "ms")
-                results.append((params, images))
-            except Exception as error:  # one request's failure must not take the batch down
-                logger.exception("sampling failed for %s", params)
-                results.append(error)
+        """Rejected requests keep their error; posted images are scored one request at a time; sampling
+        requests are sampled in the pipeline's groups."""
+        results: list[tuple[dict, torch.Tensor] | Exception] = list(jobs)
+        valid = [i for i, params in enumerate(jobs) if not isinstance(params, Exception)]
+        scoring = [i for i in valid if "images" in jobs[i]]
+        sampling = [i for i in valid if "images" not in jobs[i]]
+        for i in scoring:
+            results[i] = self._score(jobs[i])
+        groups = [[sampling[k] for k in group] for group in self.pipeline.groups([jobs[i] for i in sampling])]
+        for group in groups:
+            for i, images in zip(group, self._sample([jobs[i] for i in group])):
+                results[i] = images if isinstance(images, Exception) else (jobs[i], images)
+        if len(jobs) > 1:
+            logger.info("batch of %d requests: %d sampled in groups of %s, %d scored, %d rejected", len(jobs),
+                        len(sampling), [len(group) for group in groups], len(scoring), len(jobs) - len(valid))
         return results
+
+    def _score(self, params: dict) -> tuple[dict, torch.Tensor] | Exception:
+        try:
+            energies = self.pipeline.score(params)
+        except Exception as error:  # one request's failure must not take the batch down
+            logger.exception("scoring failed")
+            return error
+        self.context.metrics.add_counter("ImagesScored", len(params["images"]), None)
+        return params, energies
+
+    def _sample(self, requests: list[dict]) -> list[torch.Tensor | Exception]:
+        """Each request's images, sampled as one group; if that fails, one request at a time."""
+        n_images = [params["n_images"] for params in requests]
+        start = time.perf_counter()
+        try:
+            images = self.pipeline.sample_group(
+                requests, [torch.Generator().manual_seed(params["seed"]) for params in requests])
+        except Exception as error:  # one request's failure must not take the batch down
+            if len(requests) == 1:
+                logger.exception("sampling failed for %s", requests[0])
+                return [error]
+            logger.exception("sampling %d requests together failed; sampling them one by one", len(requests))
+            return [outcome for params in requests for outcome in self._sample([params])]
+        elapsed_ms = 1000 * (time.perf_counter() - start)
+        self.context.metrics.add_counter("ImagesGenerated", sum(n_images), None)
+        self.context.metrics.add_time("SamplingTimePerImage", elapsed_ms / sum(n_images), None, "ms")
+        if len(requests) > 1:
+            self.context.metrics.add_counter("RequestsSampledTogether", len(requests), None)
+        return list(images.split(n_images))
 
     def postprocess(self, results: list[tuple[dict, torch.Tensor] | Exception]) -> list[Any]:
         return [self._encode(idx, result) for idx, result in enumerate(results)]
