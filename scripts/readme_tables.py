@@ -104,7 +104,7 @@ def machines_line(checkpoints: Path, docs: Path) -> str:
         m = json.loads(path.read_text()).get("machine")
         if m:
             name = f"{m['cpu_count']}-core {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "") + f", torch {m['torch']}"
-            seen.setdefault(name, []).append(path.name)
+            seen.setdefault(name, []).append(f"{path.parent.name}/{path.name}")
     return "Measured on: " + "; ".join(f"{name} ({', '.join(names)})" for name, names in seen.items()) + "."
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from generators.checkpoint import load_checkpoint
 from generators.params import validate
 from generators.pipelines import load_pipeline
 from tests.synthetic import CIFAR_CLASSES, write_npz
@@ -56,9 +57,21 @@ def test_trains_exports_and_resumes(model, tmp_path):
 def test_resume_without_state_warm_starts_from_served_weights(tmp_path):
     train("gan", tmp_path, "--max-steps", "2")
     (tmp_path / "state" / "state.pt").unlink()
-    result = train("gan", tmp_path, "--max-steps", "3", "--resume")
+    result = train("gan", tmp_path, "--max-steps", "3", "--resume", "--d-warmup-steps", "2")
     assert "warm start" in result.stdout
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["training"]["steps"] == 3
+
+
+def test_gan_warm_start_trains_the_fresh_discriminator_alone_first(tmp_path):
+    train("gan", tmp_path, "--max-steps", "2")
+    served, _ = load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "state" / "state.pt").unlink()
+    train("gan", tmp_path, "--max-steps", "2", "--resume", "--d-warmup-steps", "3")  # warm-up only, no joint step
+    state = torch.load(tmp_path / "state" / "state.pt", weights_only=True)
+    assert all(entry["step"] == 3 for entry in state["opt_d"]["state"].values())
+    assert not state["opt_g"]["state"]
+    assert all(torch.equal(state["generator"][name], served[name]) for name, _ in state["generator"].items()
+               if "weight" in name or "bias" in name)
 
 
 def test_diffusion_logs_a_held_out_loss_that_is_the_same_for_the_same_weights(tmp_path):

@@ -126,17 +126,19 @@ class TrainingRun:
         self._last_step = self.step
         return True
 
-    def resume(self, served_dir: Path, served_modules: list[Any]) -> None:
+    def resume(self, served_dir: Path, served_modules: list[Any]) -> bool:
         """--resume: the full state from --state-dir; failing that, warm-start `served_modules` from the
-        served weights in `served_dir` (what survives when the git-ignored state is lost)."""
+        served weights in `served_dir` (what survives when the git-ignored state is lost).
+        Returns True for a warm start, whose other modules (optimizers, a GAN's discriminator) start fresh."""
         if self.try_resume() or not checkpoint_exists(served_dir):
-            return
+            return False
         weights, config = load_checkpoint(served_dir)
         for module in served_modules:
             module.load_state_dict(weights)
         self.step = int(config["training"]["steps"])
         self._last_step = self.step
         print(f"no training state in {self.state_dir}: warm start from {served_dir} at step {self.step}")
+        return True
 
     # ---- loop control
     def done(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm import trange
 
 from generators.checkpoint import save_checkpoint
 from generators.gan import Discriminator, GANConfig, Generator
@@ -19,6 +20,9 @@ parser.add_argument("--z-dim", type=int, default=64)
 parser.add_argument("--g-channels", type=int, default=64)
 parser.add_argument("--d-channels", type=int, default=64)
 parser.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], help="Adam betas for G and D")
+parser.add_argument("--d-warmup-steps", type=int, default=1000,
+                    help="after a warm start (no training state), updates of the fresh discriminator alone before "
+                         "the generator trains again: against an untrained D the generator's samples degrade")
 
 
 def main() -> None:
@@ -32,8 +36,7 @@ def main() -> None:
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=tuple(args.betas))
     run = TrainingRun(args, {"generator": gen, "discriminator": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
-    if args.resume:
-        run.resume(args.out, [gen, ema])  # without training state the discriminator starts fresh
+    warm_start = args.resume and run.resume(args.out, [gen, ema])
     print(f"G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "
           f"on {device}, step {run.step}")
 
@@ -45,18 +48,25 @@ def main() -> None:
 
     fixed_z = torch.randn((80, config.z_dim), generator=torch.Generator().manual_seed(0)).to(device)
     fixed_labels = (torch.arange(80) % config.num_classes).to(device)
-    gen.train()
-    while not run.done():
+
+    def fake_and_d_update() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One discriminator update on a fresh batch; returns (fake, labels, d_loss) for the generator's turn."""
         real, labels = data.batch(args.batch_size, run.generator)
         real, labels = real.to(device), labels.to(device)
         z = torch.randn(len(real), config.z_dim, device=device)
         fake = gen(z, labels)
-
         d_loss = F.relu(1 - disc(real, labels)).mean() + F.relu(1 + disc(fake.detach(), labels)).mean()
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
+        return fake, labels, d_loss
 
+    gen.train()
+    if warm_start and args.d_warmup_steps:
+        for _ in trange(args.d_warmup_steps, desc="discriminator warm-up", mininterval=5):
+            fake_and_d_update()
+    while not run.done():
+        fake, labels, d_loss = fake_and_d_update()
         g_loss = -disc(fake, labels).mean()
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
