@@ -89,10 +89,11 @@ def reports_failures(main: Callable[..., int | None]) -> Callable[..., int]:
 
 
 class TorchServeClient:
-    """`key_file` is the key_file.json TorchServe writes in its working directory; None when auth is off."""
+    """`key_file` is the key_file.json TorchServe writes in its working directory; None when auth is off.
+    The default timeout outlasts the longest responseTimeout in handlers/model-config/*.yaml (a full batch)."""
 
     def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = "http://127.0.0.1:8081",
-                 key_file: Path | None = Path("key_file.json"), timeout: float = 600):
+                 key_file: Path | None = Path("key_file.json"), timeout: float = 1300):
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.key_file = Path(key_file) if key_file else None

@@ -200,6 +200,16 @@ def test_gpu_variant_gives_torchserve_the_gpus_it_asks_for():
     assert int(gpu["resources"]["limits"]["nvidia.com/gpu"]) == int(env_values(gpu)["TS_NUMBER_OF_GPU"]) >= 1
 
 
+def test_front_timeouts_outlast_the_longest_response_timeout():
+    """The proxy and Knative must not cut off a request TorchServe is still allowed to answer."""
+    longest = max(yaml.safe_load(path.read_text())["responseTimeout"]
+                  for path in (ROOT / "handlers" / "model-config").glob("*.yaml"))
+    nginx = (DEPLOY / "auth-proxy" / "nginx.conf.template").read_text()
+    proxy_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", nginx).group(1))
+    predictor = rendered("kserve")["InferenceService"]["spec"]["predictor"]
+    assert proxy_timeout >= longest and predictor["timeout"] >= longest
+
+
 def test_inference_service_runs_the_deployments_pod():
     predictor = rendered("kserve")["InferenceService"]["spec"]["predictor"]
     deployment, kserve = deployment_containers(), containers(predictor)
