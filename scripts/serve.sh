@@ -19,6 +19,25 @@ Token authorization is on. Once started, the keys are in $(pwd)/key_file.json:
        http://127.0.0.1:8080/predictions/gan -o digits.png
 or use: ${VENV}/bin/python scripts/client.py generate gan --n-images 16 -o digits.png
 MSG
+# A restart brings back what the management API changed. TorchServe writes a snapshot of its models
+# (versions, default version, workers, batch settings) to $LOG_LOCATION/config/ at start, after every
+# management call that changes them, and at stop. When one is there, its model_snapshot line is added to
+# config.properties and TorchServe restores those models instead of loading the archives above; every
+# other setting still comes from config.properties. Delete logs/config/ to start from the archives again.
+logs="${LOG_LOCATION:-logs}"
+start=(--ts-config config.properties --models "${models[@]}")
+shopt -s nullglob
+snapshots=("${logs}/config/"*.cfg)  # named yyyyMMddHHmmssSSS-<event>.cfg: in time order
+for ((i = ${#snapshots[@]} - 1; i >= 0; i--)); do
+  line=$(grep -m 1 '^model_snapshot=' "${snapshots[i]}" || true)
+  if [[ "${line}" == *"}" ]]; then  # a complete snapshot (one cut short by a crash ends elsewhere)
+    { cat config.properties; printf '%s\n' "${line}"; } > "${logs}/restore.properties.tmp"
+    mv "${logs}/restore.properties.tmp" "${logs}/restore.properties"
+    start=(--ts-config "${logs}/restore.properties")
+    echo "Restoring the models of ${snapshots[i]} (VERSION is not used; delete ${logs}/config/ to start afresh)"
+    break
+  fi
+done
 stop() { "${VENV}/bin/torchserve" --stop >/dev/null 2>&1 || true; }
 trap stop INT TERM EXIT
-"${VENV}/bin/torchserve" --start --foreground --ncs --ts-config config.properties --models "${models[@]}"
+"${VENV}/bin/torchserve" --start --foreground "${start[@]}"
