@@ -140,6 +140,7 @@ make_base_image() {
   local mirror=${MIRROR:-$(apt_source "$SUITE")}
   [ -n "$mirror" ] || die "no apt source for $SUITE on this machine: pass --mirror"
   echo "base image $BASE_IMAGE: debootstrap --variant=minbase $SUITE from $mirror"
+  local started=$SECONDS
   ROOTFS=$(mktemp -d /var/tmp/generators-base.XXXXXX)
   nice -n 10 debootstrap --variant=minbase "$SUITE" "$ROOTFS" "$mirror"
   # The image's apt takes the release from the same mirror and, where this machine has them, its updates.
@@ -156,6 +157,8 @@ make_base_image() {
       --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
   rm -rf "$ROOTFS"
   ROOTFS=
+  echo "made $BASE_IMAGE in $((SECONDS - started)) s"
+  docker images "$BASE_IMAGE"
 }
 
 write_pip_conf() {  # $1: file. The machine's effective pip settings that mean the same inside a build.
@@ -278,6 +281,7 @@ check_no_secrets() {  # neither build secret, nor any pip configuration, is left
 
 verify() {
   docker image inspect "$IMAGE" >/dev/null 2>&1 || die "no image $IMAGE: run the build step first"
+  local started=$SECONDS
   CONTAINER=generators-verify-$$
   docker run --detach --name "$CONTAINER" --network=none "$IMAGE" >/dev/null
   echo "verifying $IMAGE in container $CONTAINER (no network)"
@@ -287,7 +291,7 @@ verify() {
   check_no_secrets
   docker rm -f "$CONTAINER" >/dev/null
   CONTAINER=
-  echo "verify: OK"
+  echo "verify: OK in $((SECONDS - started)) s"
 }
 
 start_daemon
