@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from scripts.local_server import (  # noqa: E402
-    HTTP_TIMEOUT, MODELS, VERSION, Server, restart_server, run_archive, running_server,
+    HTTP_TIMEOUT, MODELS, Server, restart_server, run_archive, running_server,
 )
 from scripts.serving_api import ServingFailure  # noqa: E402
 from training.evaluate import machine  # noqa: E402
@@ -241,7 +241,8 @@ def bad_sampling_body(draw, specs: dict[str, dict]) -> tuple[str, bytes]:
         unbalanced = draw(st.booleans())
         return choice, opener * depth + (b"1" if opener.endswith(b":") else b"") + closer * (depth - unbalanced)
     if choice == "oversized":  # over max_request_size: TorchServe itself answers
-        return choice, b'{"n_images": "' + b"x" * draw(st.integers(MAX_REQUEST_BYTES, MAX_REQUEST_BYTES + 200000)) + b'"}'
+        size = draw(st.integers(MAX_REQUEST_BYTES, MAX_REQUEST_BYTES + 200000))
+        return choice, b'{"n_images": "' + b"x" * size + b'"}'
     pairs = draw(st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=8), min_size=1, max_size=3))
     return "form fields", "&".join(f"{requests.utils.quote(k)}={requests.utils.quote(v)}"
                                    for k, v in pairs.items()).encode()
@@ -300,7 +301,8 @@ def bad_scoring_body(draw, scoring: dict[str, dict], sampling: dict[str, dict]) 
     image = scoring["images"]
     width, height, mode = re.fullmatch(r"(\d+)x(\d+) (\S+) PNG", image["image"]).groups()
     width, height = int(width), int(height)
-    good = [base64.b64encode(good_png(i, width)).decode("ascii") for i in draw(st.lists(st.integers(0, 99), max_size=3))]
+    seeds = draw(st.lists(st.integers(0, 99), max_size=3))
+    good = [base64.b64encode(good_png(i, width)).decode("ascii") for i in seeds]
     choice = draw(st.sampled_from(["bad image", "images not a list", "too few or many images", "bad timestep",
                                    "extra key beside images"]))
     if choice == "bad image":
@@ -316,7 +318,8 @@ def bad_scoring_body(draw, scoring: dict[str, dict], sampling: dict[str, dict]) 
     if choice == "bad timestep":
         return choice, encode({"images": images, "timestep": draw(bad_values(scoring["timestep"]))})
     key = draw(st.sampled_from(sorted(sampling)) | st.text(max_size=10).filter(lambda k: k not in scoring))
-    return choice, encode({"images": images, key: draw(json_values | good_values(sampling.get(key, scoring["timestep"])))})
+    value = draw(json_values | good_values(sampling.get(key, scoring["timestep"])))
+    return choice, encode({"images": images, key: value})
 
 
 def bad_requests(descriptions: dict[str, dict], versions: dict[str, str]) -> st.SearchStrategy:
@@ -616,7 +619,8 @@ def kill_worker(server: Server, concurrency: int, workers: int = 1, model: str =
     finally:
         outcomes = load_.stop()
         scale(server, model, original["minWorkers"], original["maxWorkers"])
-    recovered = [o.ended - killed_at for o in outcomes if o.model == model and o.status == 200 and o.started > killed_at]
+    recovered = [o.ended - killed_at for o in outcomes
+                 if o.model == model and o.status == 200 and o.started > killed_at]
     in_flight = [o for o in outcomes if o.started <= killed_at <= o.ended]
     failed = failures(outcomes)
     # TorchServe notices the death when the worker's socket closes; a request sent in that moment can still be
@@ -791,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python scripts/stress.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(torch.device("cpu")),
-        "load_average_at_start": os.getloadavg(), "settings": {k: str(v) if isinstance(v, Path) else v
+        "load_average_at_start": os.getloadavg(), "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v
                                                                for k, v in vars(args).items()},
     }
     with tempfile.TemporaryDirectory(prefix="stress-") as temp:

@@ -4,8 +4,9 @@ The `server` fixture (session scope) is `scripts.local_server.running_server`: i
 checkpoints, builds the archives with `scripts/archive.py`, starts TorchServe through a copy of
 `scripts/serve.sh` on free ports, from a config derived from the repo's `config.properties` (same
 security settings), waits until every worker is READY, and always stops that server (and only that
-one). Tests that kill workers, swap versions or restart it leave it as they found it. Tests call `running_server` themselves for
-other models or settings (e.g. a short token expiry). The names below are re-exported for the tests.
+one). Tests that kill workers, swap versions or restart it leave it as they found it. Tests call
+`running_server` themselves for other models or settings (e.g. a short token expiry). The names below
+are re-exported for the tests.
 """
 from __future__ import annotations
 
