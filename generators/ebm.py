@@ -18,6 +18,7 @@ ending with a denoising step to t = 0.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -88,9 +89,11 @@ def guided_noise(model: EnergyModel, x: torch.Tensor, t: torch.Tensor, labels: t
 
 
 def annealed_langevin(model: EnergyModel, n: int, labels: torch.Tensor | None, settings: LangevinConfig,
-                      noise: Noise | torch.Generator | None = None) -> torch.Tensor:
+                      noise: Noise | torch.Generator | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Predictor-corrector sampling from N(0, I): (n, C, H, W) in [-1, 1]. Every random draw comes from
-    `noise`, so requests batched together each get their own generator's numbers."""
+    `noise`, so requests batched together each get their own generator's numbers. `progress` hears of each
+    finished level (levels done, levels), so a long request can report how far it is."""
     device = model.alphas_cumprod.device
     c = model.unet.config
     noise = Noise.of(noise, n)
@@ -105,6 +108,8 @@ def annealed_langevin(model: EnergyModel, n: int, labels: torch.Tensor | None, s
         x = predictor.step(guided_noise(model, x, t_batch, labels, settings.guidance_scale), t, x).detach()
         if i + 1 < len(timesteps):
             x = langevin_corrector(model, x, timesteps[i + 1], labels, settings, noise)
+        if progress:
+            progress(i + 1, len(timesteps))
     return x.clamp(-1, 1)
 
 

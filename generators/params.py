@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 MAX_SEED = 2**63 - 1
-JSON_TYPES = {int: "integer", float: "number", str: "string"}
+JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
 DESCRIBE_NAMES = {"description": "help", "minimum": "min", "maximum": "max", "enum": "choices"}
 
 
@@ -34,7 +34,7 @@ class InvalidParameter(ValueError):
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: type  # int, float or str
+    kind: type  # int, float, str or bool
     default: Any = None  # None: optional, absent from the validated dict unless given
     low: float | None = None
     high: float | None = None
@@ -53,6 +53,9 @@ class Param:
         elif self.kind is str:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 raise InvalidParameter(self.name, f"must be one of {list(self.choices)}, got {value!r}")
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidParameter(self.name, f"must be true or false, got {value!r}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             raise InvalidParameter(self.name, f"must be{self._range()}, got {value!r}")
         return value
@@ -197,6 +200,8 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("seed", int, None, 0, MAX_SEED, help="same seed and parameters give the same image; random if absent"),
     Param("format", str, "png", choices=("png", "json"),
           help="png: one PNG (a grid for n_images > 1); json: {'images': [base64 PNG, ...], ...}"),
+    Param("progress", bool, False,
+          help="true: stream JSON progress lines ({'progress': 0.25, 'step': 5, 'steps': 20}) before the answer"),
 )
 
 

@@ -10,7 +10,7 @@ gets when sampled alone (up to the rounding of batched kernels).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
@@ -24,15 +24,18 @@ from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, 
 from generators.schedulers import SCHEDULERS, Noise, make_scheduler
 from generators.unet import UNet, UNetConfig
 
+Progress = Callable[[int, int], None]  # (steps done, total steps), called after every sampling step
+
 MAX_IMAGES = int(next(p.high for p in COMMON_PARAMS if p.name == "n_images"))  # the most one request may ask for
 
 
 @torch.no_grad()
 def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: int, n: int,
                      labels: torch.Tensor | None, guidance: Guidance,
-                     noise: Noise | torch.Generator | None) -> torch.Tensor:
+                     noise: Noise | torch.Generator | None, progress: Progress | None = None) -> torch.Tensor:
     """Reverse diffusion from pure noise; classifier-free guidance when labels are given, at the steps
-    where `guidance` is active. Every random draw comes from `noise` (one generator, or one per request)."""
+    where `guidance` is active. Every random draw comes from `noise` (one generator, or one per request);
+    `progress` hears of each finished step, so a long request can report how far it is."""
     device = next(unet.parameters()).device
     c = unet.config
     noise = Noise.of(noise, n)
@@ -41,7 +44,7 @@ def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: i
     x = noise.randn((c.in_channels, c.image_size, c.image_size), device)
     if labels is not None:
         labels = labels.to(device)
-    for t in scheduler.timesteps:
+    for step, t in enumerate(scheduler.timesteps, start=1):
         t_batch = torch.full((n,), t, device=device, dtype=torch.long)
         if labels is not None and guidance.active(t):
             null = torch.full_like(labels, unet.null_class)
@@ -51,6 +54,8 @@ def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: i
         else:
             eps = unet(x, t_batch, labels)
         x = scheduler.step(eps, t, x, noise)
+        if progress:
+            progress(step, len(scheduler.timesteps))
     return x
 
 
@@ -115,9 +120,10 @@ class Pipeline:
         """(n_images, C, H, W) in [-1, 1]."""
         return self.sample_group([params], [generator])
 
-    def sample_group(self, requests: list[dict[str, Any]], generators: list[torch.Generator]) -> torch.Tensor:
+    def sample_group(self, requests: list[dict[str, Any]], generators: list[torch.Generator],
+                     progress: Progress | None = None) -> torch.Tensor:
         """Requests of one group_key, sampled together: their images concatenated in order, each request's
-        drawn from its own generator."""
+        drawn from its own generator; `progress` is called after each sampling step."""
         raise NotImplementedError
 
     def group_key(self, params: dict[str, Any]) -> Hashable:
@@ -222,12 +228,12 @@ class DiffusionPipeline(Pipeline):
         # Guidance that acts at no step leaves the plain conditional (or, without a label, unconditional) step.
         return params["sampler"], params["steps"], self.guidance(params) if self.guided_steps(params) else None
 
-    def sample_group(self, requests, generators):
+    def sample_group(self, requests, generators, progress=None):
         first = requests[0]
         return sample_diffusion(self.unet, self.alpha_bar, first["sampler"], first["steps"],
                                 sum(params["n_images"] for params in requests),
                                 class_labels(requests, self.unet.null_class), self.guidance(first),
-                                request_noise(requests, generators))
+                                request_noise(requests, generators), progress)
 
 
 class EBMPipeline(Pipeline):
@@ -264,10 +270,10 @@ class EBMPipeline(Pipeline):
     def group_key(self, params):
         return tuple(self.settings(params).to_dict().values())
 
-    def sample_group(self, requests, generators):
+    def sample_group(self, requests, generators, progress=None):
         return annealed_langevin(self.energy, sum(params["n_images"] for params in requests),
                                  class_labels(requests, self.energy.null_class), self.settings(requests[0]),
-                                 request_noise(requests, generators))
+                                 request_noise(requests, generators), progress)
 
     def scoring_specs(self):
         c = self.energy.unet.config
@@ -298,14 +304,17 @@ class GANPipeline(Pipeline):
         return super().param_specs() + [Param("digit", int, None, 0, k - 1, help="digit to draw; absent: random")]
 
     @torch.no_grad()
-    def sample_group(self, requests, generators):
+    def sample_group(self, requests, generators, progress=None):
         cfg = self.generator.config
         z = request_noise(requests, generators).randn((cfg.z_dim,))
         labels = torch.cat([
             torch.full((params["n_images"],), params["digit"], dtype=torch.long) if "digit" in params
             else torch.randint(0, cfg.num_classes, (params["n_images"],), generator=generator)
             for params, generator in zip(requests, generators)])
-        return self.generator(z.to(self.device), labels.to(self.device))
+        images = self.generator(z.to(self.device), labels.to(self.device))
+        if progress:
+            progress(1, 1)  # a single forward pass
+        return images
 
 
 PIPELINES: dict[str, type[Pipeline]] = {p.model_type: p for p in (DiffusionPipeline, EBMPipeline, GANPipeline)}

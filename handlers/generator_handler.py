@@ -5,10 +5,15 @@ the checkpoint's `model_type` picks the pipeline. Each request in a TorchServe b
 and answered on its own, so one bad request gets its 400 without failing its neighbours. Valid
 sampling requests are sampled together where the pipeline says they can be (`Pipeline.groups`);
 if such a group fails, its requests are sampled one by one, so only a request that fails alone fails.
+
+A request with `"progress": true` gets its answer as one chunked HTTP response: a JSON line per progress
+event (TorchServe's intermediate responses, one chunk each, sent only to the requests of the batch that
+asked), then the same body as without progress. Its status and headers go out with the first event.
 """
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import secrets
 import time
@@ -16,13 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from generators.imaging import encode_png, grid, to_uint8
 from generators.params import MAX_SEED, InvalidParameter, parse_request, validate
-from generators.pipelines import load_pipeline
+from generators.pipelines import Progress, load_pipeline
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_EVENTS = 10  # at most this many progress lines per request: one per tenth of the steps
+PROGRESS_CONTENT_TYPE = "application/octet-stream"  # JSON lines, then a PNG or JSON body
 
 
 class GeneratorHandler(BaseHandler):
@@ -45,6 +54,7 @@ class GeneratorHandler(BaseHandler):
 
     def handle(self, data: list[dict], context) -> list[Any]:
         self.context = context
+        self.progress_sent: dict[int, int] = {}  # batch index -> tenths of its steps reported so far
         if self._is_describe():
             return [self.describe_handle()]
         jobs = self.preprocess(data)
@@ -79,7 +89,7 @@ class GeneratorHandler(BaseHandler):
             results[i] = self._score(jobs[i])
         groups = [[sampling[k] for k in group] for group in self.pipeline.groups([jobs[i] for i in sampling])]
         for group in groups:
-            for i, images in zip(group, self._sample([jobs[i] for i in group])):
+            for i, images in zip(group, self._sample(group, [jobs[i] for i in group])):
                 results[i] = images if isinstance(images, Exception) else (jobs[i], images)
         if len(jobs) > 1:
             logger.info("batch of %d requests: %d sampled in groups of %s, %d scored, %d rejected", len(jobs),
@@ -95,25 +105,49 @@ class GeneratorHandler(BaseHandler):
         self.context.metrics.add_counter("ImagesScored", len(params["images"]), None)
         return params, energies
 
-    def _sample(self, requests: list[dict]) -> list[torch.Tensor | Exception]:
-        """Each request's images, sampled as one group; if that fails, one request at a time."""
+    def _sample(self, indices: list[int], requests: list[dict]) -> list[torch.Tensor | Exception]:
+        """Each request's images (`indices`: their places in the batch), sampled as one group; if that fails,
+        one request at a time."""
         n_images = [params["n_images"] for params in requests]
         start = time.perf_counter()
         try:
             images = self.pipeline.sample_group(
-                requests, [torch.Generator().manual_seed(params["seed"]) for params in requests])
+                requests, [torch.Generator().manual_seed(params["seed"]) for params in requests],
+                self._progress_reporter({i: params for i, params in zip(indices, requests) if params["progress"]}))
         except Exception as error:  # one request's failure must not take the batch down
             if len(requests) == 1:
                 logger.exception("sampling failed for %s", requests[0])
                 return [error]
             logger.exception("sampling %d requests together failed; sampling them one by one", len(requests))
-            return [outcome for params in requests for outcome in self._sample([params])]
+            return [outcome for i, params in zip(indices, requests) for outcome in self._sample([i], [params])]
         elapsed_ms = 1000 * (time.perf_counter() - start)
         self.context.metrics.add_counter("ImagesGenerated", sum(n_images), None)
         self.context.metrics.add_time("SamplingTimePerImage", elapsed_ms / sum(n_images), None, "ms")
         if len(requests) > 1:
             self.context.metrics.add_counter("RequestsSampledTogether", len(requests), None)
         return list(images.split(n_images))
+
+    def _progress_reporter(self, streaming: dict[int, dict]) -> Progress | None:
+        """A sampler callback that streams a JSON line to the requests that asked (batch index -> parameters)
+        each time another tenth of the steps is done; never one going backwards, so a group resampled request
+        by request after a failure stays silent until it passes what was already reported."""
+        if not streaming:
+            return None
+
+        def report(step: int, total: int) -> None:
+            tenths = PROGRESS_EVENTS * step // total
+            due = [i for i in streaming if tenths > self.progress_sent.get(i, 0)]
+            if not due:
+                return
+            event = json.dumps({"progress": round(step / total, 4), "step": step, "steps": total}) + "\n"
+            for i in due:
+                self.progress_sent[i] = tenths
+                self.context.set_response_content_type(i, PROGRESS_CONTENT_TYPE)
+                self.context.set_response_header(i, "X-Seed", str(streaming[i]["seed"]))
+            send_intermediate_predict_response({i: event for i in due}, {i: self.context.request_ids[i] for i in due},
+                                               "Intermediate Prediction success", 200, self.context)
+
+        return report
 
     def postprocess(self, results: list[tuple[dict, torch.Tensor] | Exception]) -> list[Any]:
         return [self._encode(idx, result) for idx, result in enumerate(results)]

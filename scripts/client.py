@@ -3,6 +3,7 @@
 
     python scripts/client.py generate diffusion -p class_label=cat -p steps=50 --n-images 16 -o cats.png
     python scripts/client.py generate gan -p digit=7 --format json -o sevens.json
+    python scripts/client.py generate diffusion --n-images 64 -p class_label=ship --progress -o ships.png
     python scripts/client.py scale ebm 2
     python scripts/client.py describe diffusion
     python scripts/client.py health
@@ -19,6 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from scripts.serving_api import TorchServeClient, reports_failures  # noqa: E402
 
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="model parameter, repeatable (see `describe`)")
     g.add_argument("--version", help="model version (default: the server's default version)")
+    g.add_argument("--progress", action="store_true",
+                   help="ask the server for progress while it samples and show it as a bar on stderr")
     g.add_argument("-o", "--output", type=Path, required=True, help="file to write (PNG, or JSON with --format json)")
 
     s = sub.add_parser("scale", help="set a model's worker count")
@@ -62,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def generate_with_bar(client: TorchServeClient, model: str, params: dict,
+                      version: str | None) -> tuple[requests.Response, bytes]:
+    """The response and final body of a progress request, its steps shown as a bar on stderr meanwhile. The bar
+    appears with the first progress line, so a request refused up front still fails in one line."""
+    bar: tqdm | None = None
+
+    def show(event: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=event["steps"], desc=f"{model} sampling", unit="step", file=sys.stderr)
+        bar.update(event["step"] - bar.n)
+
+    try:
+        return client.generate_with_progress(model, params, show, version=version)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 @reports_failures
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -75,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             if not sep:
                 parser.error(f"--param needs KEY=VALUE, got {item!r}")
             params[key] = parse_value(value)
-        response = client.generate(args.model, params, version=args.version)
-        args.output.write_bytes(response.content)
+        if args.progress:
+            response, body = generate_with_bar(client, args.model, params, args.version)
+        else:
+            response = client.generate(args.model, params, version=args.version)
+            body = response.content
+        args.output.write_bytes(body)
         print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
     elif args.command == "scale":
         print(client.scale(args.model, args.workers, version=args.version)["status"])

@@ -10,13 +10,17 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import requests
 
 # TorchServe 0.12 answers a missing, wrong or expired key with 400 and this error type.
 INVALID_KEY = "InvalidKeyException"
 KEY_KINDS = ("inference", "management", "API")
+# A request with "progress": true is answered by JSON lines that start with this, then the usual body (a PNG, or
+# JSON starting with {"images" or, for a failure after the first line, {"code"). The handler writes each line as
+# one chunk; the split below holds however chunks are cut or merged on the way (proxies may re-chunk).
+PROGRESS_LINE_START = b'{"progress"'
 
 
 class ServingFailure(RuntimeError):
@@ -61,6 +65,37 @@ def server_message(response: requests.Response) -> str:
         body = None
     message = (body.get("error") or body.get("message")) if isinstance(body, dict) else None
     return " ".join(str(message or response.text[:300] or response.reason).split())
+
+
+def split_progress(chunks: Iterable[bytes], on_event: Callable[[dict], None]) -> bytes:
+    """Read a progress response as it arrives: `on_event` gets each progress line parsed; returns the body after them."""
+    buffer = bytearray()
+    in_events = True
+    for chunk in chunks:
+        buffer += chunk
+        while in_events:
+            if len(buffer) < len(PROGRESS_LINE_START) and PROGRESS_LINE_START.startswith(buffer):
+                break  # too short to tell yet
+            if not buffer.startswith(PROGRESS_LINE_START):
+                in_events = False
+                break
+            line, newline, rest = bytes(buffer).partition(b"\n")
+            if not newline:
+                break  # the rest of the line is still on its way
+            on_event(json.loads(line))
+            buffer = bytearray(rest)
+    return bytes(buffer)
+
+
+def failure_after_progress(body: bytes) -> str | None:
+    """The error of a request that failed after its progress lines went out (the status, sent with the first
+    line, says 200 then), else None."""
+    if not body.startswith(b'{"code"'):
+        return None
+    try:
+        return str(json.loads(body).get("error"))
+    except ValueError:
+        return None
 
 
 def key_refused(response: requests.Response) -> bool:
@@ -162,9 +197,26 @@ class TorchServeClient:
 
     # ---- inference
     def generate(self, model: str, params: dict[str, Any], version: str | None = None,
-                 check: bool = True) -> requests.Response:
+                 check: bool = True, stream: bool = False) -> requests.Response:
+        """With stream, the body is read as it arrives (`response.iter_content`), e.g. with `split_progress`."""
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
-        return self._request("POST", self.inference_url + path, "inference", check=check, json=params)
+        return self._request("POST", self.inference_url + path, "inference", check=check, json=params, stream=stream)
+
+    def generate_with_progress(self, model: str, params: dict[str, Any], on_event: Callable[[dict], None],
+                               version: str | None = None) -> tuple[requests.Response, bytes]:
+        """Ask with "progress": true; `on_event` gets each progress line as it arrives. Returns the response
+        (headers) and the final body; a failure after the progress lines is a ServingFailure like any other."""
+        response = self.generate(model, dict(params, progress=True), version=version, stream=True)
+        try:
+            body = split_progress(response.iter_content(chunk_size=None), on_event)
+        except requests.RequestException as error:
+            raise ServerUnreachable(f"the answer from {response.url} broke off: {error}; retry, or check the "
+                                    f"server's logs") from None
+        error = failure_after_progress(body)
+        if error is not None:
+            raise ServingFailure(f"POST {response.url} failed after its progress: {error}; see the server's "
+                                 f"logs/model_log.log")
+        return response, body
 
     def ping(self) -> dict:
         return self._request("GET", self.inference_url + "/ping", "inference").json()

@@ -25,7 +25,8 @@ def field_of(body) -> str:
 
 
 def test_defaults_fill_in_and_optional_stay_absent():
-    assert validate({}, SPECS) == {"n_images": 1, "format": "png", "steps": 50, "guidance_scale": 2.0}
+    assert validate({}, SPECS) == {"n_images": 1, "format": "png", "progress": False, "steps": 50,
+                                   "guidance_scale": 2.0}
 
 
 def test_accepts_valid_values():
