@@ -17,9 +17,9 @@ import requests
 # TorchServe 0.12 answers a missing, wrong or expired key with 400 and this error type.
 INVALID_KEY = "InvalidKeyException"
 KEY_KINDS = ("inference", "management", "API")
-# A request with "progress": true is answered by JSON lines that start with this, then the usual body (a PNG, or
-# JSON starting with {"images" or, for a failure after the first line, {"code"). The handler writes each line as
-# one chunk; the split below holds however chunks are cut or merged on the way (proxies may re-chunk).
+# A request with "progress": true is answered by JSON lines that start with this, then the usual body: a PNG, or
+# JSON that TorchServe indents ("{\n  ..."), the error object for a failure after the first line. The handler
+# sends each line as one chunk; the split below holds however chunks are cut or merged on the way.
 PROGRESS_LINE_START = b'{"progress"'
 
 
@@ -90,12 +90,13 @@ def split_progress(chunks: Iterable[bytes], on_event: Callable[[dict], None]) ->
 def failure_after_progress(body: bytes) -> str | None:
     """The error of a request that failed after its progress lines went out (the status, sent with the first
     line, says 200 then), else None."""
-    if not body.startswith(b'{"code"'):
-        return None
+    if not body.startswith(b"{"):
+        return None  # a PNG
     try:
-        return str(json.loads(body).get("error"))
+        answer = json.loads(body)
     except ValueError:
         return None
+    return str(answer["error"]) if isinstance(answer, dict) and "error" in answer and "images" not in answer else None
 
 
 def key_refused(response: requests.Response) -> bool:

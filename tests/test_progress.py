@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -13,11 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+from ts.protocol.otf_message_handler import create_predict_response
+
+import torch
 
 from generators.params import COMMON_PARAMS, validate
-from scripts.serving_api import split_progress
+from generators.pipelines import load_pipeline
+from handlers.generator_handler import GeneratorHandler
+from scripts.serving_api import failure_after_progress, split_progress
 from tests.conftest import HTTP_TIMEOUT, ROOT
+from tests.synthetic import tiny_checkpoint
 from tests.test_batching import BLOCKER
+from tests.test_handler import make_context
 from tests.test_server import decode_png
 
 QUICK = {"steps": 4, "seed": 21}  # diffusion: 4 steps, one image, a fraction of a second
@@ -57,9 +66,21 @@ def test_progress_must_be_a_json_boolean(value):
     assert validate({}, COMMON_PARAMS)["progress"] is False
 
 
+@pytest.mark.parametrize("model,body,steps", [("diffusion", {"steps": 3}, 3), ("ebm", {"levels": 2}, 2),
+                                              ("gan", {}, 1)])
+def test_the_samplers_report_every_step(tmp_path, model, body, steps):
+    pipeline = load_pipeline(tiny_checkpoint(tmp_path / model, model))
+    params = validate(dict(body, seed=0), pipeline.param_specs())
+    heard: list[tuple[int, int]] = []
+    with_progress = pipeline.sample_group([params], [torch.Generator().manual_seed(0)],
+                                          lambda step, total: heard.append((step, total)))
+    assert heard == [(step, steps) for step in range(1, steps + 1)]
+    assert torch.equal(with_progress, pipeline.sample(params, torch.Generator().manual_seed(0)))
+
+
 def test_split_progress_holds_however_the_stream_is_cut():
     events = [{"progress": 0.5, "step": 1, "steps": 2}, {"progress": 1.0, "step": 2, "steps": 2}]
-    final = b'{"images": ["iVBORw0KGgo="], "seed": 3}'
+    final = json.dumps({"images": ["iVBORw0KGgo="], "seed": 3}, indent=2).encode()  # as TorchServe sends JSON
     stream = b"".join(json.dumps(event).encode() + b"\n" for event in events) + final
     for size in (1, 3, 7, len(stream)):
         seen: list[dict] = []
@@ -67,6 +88,80 @@ def test_split_progress_holds_however_the_stream_is_cut():
         assert seen == events
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # a body that holds newlines and braces
     assert split_progress([png[:5], png[5:]], seen.append) == png
+
+
+def worker_messages(data: bytes) -> list[dict[str, bytes]]:
+    """The worker's responses to the frontend (ts/protocol/otf_message_handler.py's framing): request id -> body."""
+    position = 0
+
+    def take(n: int) -> bytes:
+        nonlocal position
+        position += n
+        return data[position - n:position]
+
+    def number() -> int:
+        return struct.unpack("!i", take(4))[0]
+
+    messages = []
+    while position < len(data):
+        number(), take(number())  # status code, message
+        bodies = {}
+        while (id_length := number()) != -1:
+            request_id = take(id_length).decode()
+            take(number())  # content type
+            number(), take(number())  # status code, reason phrase
+            for _ in range(number()):  # headers
+                take(number()), take(number())
+            bodies[request_id] = take(number())
+        messages.append(bodies)
+    return messages
+
+
+def test_a_failure_after_progress_ends_the_stream_with_the_error_object(tmp_path):
+    """In-process, with TorchServe's own response framing on a socket pair in place of the frontend."""
+    tiny_checkpoint(tmp_path / "checkpoint", "diffusion")
+    handler = GeneratorHandler()
+    handler.initialize(make_context(tmp_path, 1))
+    bodies = [{"seed": 1, "class_label": "cat", "progress": True}, {"seed": 2, "class_label": "horse", "progress": True},
+              {"seed": 3, "class_label": "cat"}]
+    alone = handler.handle([{"body": dict(bodies[0], progress=False)}], make_context(tmp_path, 1))[0]
+    context = make_context(tmp_path, len(bodies))
+    context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}
+    worker_end, frontend_end = socket.socketpair()
+    context.cl_socket = worker_end
+    passes_with_horses = []
+
+    def fail_on_horses_after_their_first_step(module, args):  # no valid request fails, so a failure is injected
+        labels = args[2]
+        if labels is not None and (labels == 7).any():
+            passes_with_horses.append(1)
+            if len(passes_with_horses) > 1:
+                raise RuntimeError("injected failure")
+
+    hook = handler.pipeline.unet.register_forward_pre_hook(fail_on_horses_after_their_first_step)
+    try:
+        outputs = handler.handle([{"body": body} for body in bodies], context)
+        worker_end.sendall(create_predict_response(outputs, context.request_ids, "Prediction success", 200, context))
+    finally:
+        hook.remove()
+        worker_end.close()
+    with frontend_end:
+        data = b"".join(iter(lambda: frontend_end.recv(65536), b""))
+    messages = worker_messages(data)
+    assert all(set(message) <= {"request-0", "request-1"} for message in messages[:-1])  # only those that asked
+    streams = {request_id: b"".join(message.get(request_id, b"") for message in messages)
+               for request_id in context.request_ids.values()}
+    answers = {}
+    for request_id, stream in streams.items():
+        events: list[dict] = []
+        answers[request_id] = split_progress([stream], events.append), events
+    body, events = answers["request-0"]
+    assert body == alone and failure_after_progress(body) is None
+    assert_progress_in_order(events, events[-1]["steps"])
+    body, events = answers["request-1"]
+    assert len(events) >= 1 and failure_after_progress(body) == "sampling failed: RuntimeError"
+    body, events = answers["request-2"]
+    assert events == [] and decode_png(body)
 
 
 @pytest.mark.server
