@@ -23,7 +23,7 @@ if [[ $part == all || $part == sweeps ]]; then
 fi
 if [[ $part == all || $part == served ]]; then
   $EVAL --model diffusion --n-samples 500   # DDIM 20 steps, guidance 3: the sweep's setting, same N
-  $EVAL --model ebm --n-samples 250   # about 1.5 s per guided sample on 2 cores: read its KID
+  $EVAL --model ebm --n-samples 250   # about 1.25 s per guided sample on 2 cores: read its KID
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
   $PY -m training.ebm_ood --n 500
 fi

@@ -35,7 +35,7 @@ parser.add_argument("--serve-levels", type=int, default=20, help="noise levels o
 parser.add_argument("--serve-corrector-steps", type=int, default=1)
 parser.add_argument("--serve-snr", type=float, default=0.16)
 parser.add_argument("--serve-guidance", type=float, default=2.0)
-parser.add_argument("--score-timestep", type=int, default=200,
+parser.add_argument("--score-timestep", type=int, default=0,
                     help="noise level at which the served model scores posted images")
 
 
