@@ -8,7 +8,8 @@ Quality rows come from checkpoints/<model>/quality.json (training/evaluate.py on
 weights), then docs/quality/<model>-*.json (baselines and other settings of the same script).
 The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py), the
 EBM's out-of-distribution table from docs/quality/ebm_ood.json (training/ebm_ood.py).
-Speed rows come from docs/sampling_speed.json (scripts/sample_report.py). Each table sits between
+Speed rows come from docs/sampling_speed.json (scripts/sample_report.py), the serving benchmark's from
+docs/benchmark.json (scripts/benchmark.py). Each table sits between
 `<!-- name -->` and `<!-- /name -->` markers in the README.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from training.evaluate import QUALITY_HEADER, describe_sampling, markdown_table, quality_row  # noqa: E402
+from scripts.benchmark import table as benchmark_cells  # noqa: E402
 
 MODELS = ("gan", "diffusion", "ebm")
 
@@ -95,10 +97,25 @@ def speed_table(docs: Path) -> str:
     return markdown_table(SPEED_HEADER, rows)
 
 
+def benchmark_table(docs: Path) -> str:
+    """The serving benchmark's settings, its table and the goals it checked, as scripts/benchmark.py wrote them."""
+    result = json.loads((docs / "benchmark.json").read_text())
+    m, settings = result["machine"], result["settings"]
+    load = (f"1-minute load average {m['load_average_1min_before']} before, {m['load_average_1min_after']} after"
+            + ("" if m["quiet"] else ": not a quiet machine"))
+    requests = "; ".join(f"{model}: {sampling}" for model, sampling in result["sampling"].items())
+    header = (f"Run: {requests}, {settings['n_images']} image(s) per request, {settings['requests']} requests per "
+              f"cell (at most {settings['max_seconds']:g} s), concurrency {settings['concurrencies']}, workers "
+              f"{settings['workers']}, batching {settings['batching']}; {load}.\n\n")
+    goals = "\n".join(f"- {'met' if g['met'] else '**missed**'}: {g['target']} = {g['value']} "
+                      f"({g['relation']} {g['limit']})" for g in result["targets"])
+    return header + benchmark_cells(result) + "\n\n" + goals
+
+
 def machines_line(checkpoints: Path, docs: Path) -> str:
     """The machines the tables' JSON files say they were measured on, so the README never names one by hand."""
     files = [*sorted(checkpoints.glob("*/quality.json")), *sorted((docs / "quality").glob("*.json")),
-             docs / "sampling_speed.json"]
+             docs / "sampling_speed.json", docs / "benchmark.json"]
     seen: dict[str, list[str]] = {}
     for path in files:
         m = json.loads(path.read_text()).get("machine")
@@ -122,6 +139,7 @@ def main() -> None:
     updated = replace_between_markers(updated, "reference-table", references_table(args.docs))
     updated = replace_between_markers(updated, "ood-table", ood_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
+    updated = replace_between_markers(updated, "benchmark-table", benchmark_table(args.docs))
     updated = replace_between_markers(updated, "machines", machines_line(args.checkpoints, args.docs))
     if args.check:
         if updated != text:
