@@ -178,6 +178,8 @@ def bad_values(spec: dict[str, Any]) -> st.SearchStrategy:
         below = st.floats(max_value=low, exclude_max=True, allow_nan=False)
         above = st.floats(min_value=high, exclude_min=True, allow_nan=False)
         return st.one_of(not_numbers, non_finite, huge_integers, below, above, *out_of_range)
+    if kind == "boolean":  # 0, 1 and "true" are not booleans
+        return st.one_of(st.integers(), st.floats(), st.text(max_size=12), st.lists(json_values, max_size=2))
     names = {c.lower() for c in spec.get("choices", [])}
     other_text = st.text(max_size=12).filter(lambda s: s.strip().lower() not in names)
     if kind == "string or integer":  # a class: a name in any case, or its index
@@ -194,6 +196,8 @@ def good_values(spec: dict[str, Any]) -> st.SearchStrategy:
         return st.floats(low, high)
     if kind == "string or integer":
         return st.sampled_from(spec["choices"]) | st.integers(low, high)
+    if kind == "boolean":
+        return st.booleans()
     return st.sampled_from(spec["choices"])
 
 
