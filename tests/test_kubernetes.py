@@ -474,3 +474,12 @@ def test_proxy_refuses_bodies_torchserve_would_refuse(auth_proxy):
     response = requests.post(f"{auth_proxy.url}/predictions/gan", data=b"x" * (1024 * 1024 + 1),
                              headers={"Authorization": f"Bearer {auth_proxy.token}"}, timeout=HTTP_TIMEOUT)
     assert response.status_code == 413
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_proxy_refuses_form_bodies_that_torchserve_would_fail_on(auth_proxy, content_type):
+    response = requests.post(f"{auth_proxy.url}/predictions/gan", data=b"n_images=%zz",
+                             headers={"Authorization": f"Bearer {auth_proxy.token}", "Content-Type": content_type},
+                             timeout=HTTP_TIMEOUT)
+    assert response.status_code == 415 and "JSON" in response.json()["message"]
