@@ -105,6 +105,20 @@ class Pipeline:
         module.load_state_dict(state_dict)
         return module.to(self.device).eval().requires_grad_(False)
 
+    def networks(self) -> dict[str, nn.Module]:
+        return {name: module for name, module in vars(self).items() if isinstance(module, nn.Module)}
+
+    def use_channels_last(self) -> None:
+        """Keep the networks' weights in NHWC order, which the measured CPU's convolutions run faster
+        (docs/benchmark.json, raw trials); the images are the same up to float rounding."""
+        for module in self.networks().values():
+            module.to(memory_format=torch.channels_last)
+
+    def compile_networks(self) -> None:
+        """torch.compile every network (compiled on first use, again for each new batch shape)."""
+        for name, module in self.networks().items():
+            setattr(self, name, torch.compile(module))
+
     def param_specs(self) -> list[Param]:
         return list(COMMON_PARAMS)
 
@@ -320,9 +334,16 @@ class GANPipeline(Pipeline):
 PIPELINES: dict[str, type[Pipeline]] = {p.model_type: p for p in (DiffusionPipeline, EBMPipeline, GANPipeline)}
 
 
-def load_pipeline(checkpoint_dir: Path, device: torch.device | str = "cpu") -> Pipeline:
+def load_pipeline(checkpoint_dir: Path, device: torch.device | str = "cpu", channels_last: bool = False,
+                  torch_compile: bool = False) -> Pipeline:
+    """The checkpoint's pipeline; channels_last and torch_compile are the handler settings of those names."""
     state_dict, config = load_checkpoint(checkpoint_dir)
     model_type = config.get("model_type")
     if model_type not in PIPELINES:
         raise ValueError(f"{checkpoint_dir}: unknown model_type {model_type!r}")
-    return PIPELINES[model_type](config, state_dict, torch.device(device))
+    pipeline = PIPELINES[model_type](config, state_dict, torch.device(device))
+    if channels_last:
+        pipeline.use_channels_last()
+    if torch_compile:
+        pipeline.compile_networks()
+    return pipeline

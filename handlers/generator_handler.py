@@ -42,10 +42,12 @@ class GeneratorHandler(BaseHandler):
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
-        threads = (context.model_yaml_config or {}).get("handler", {}).get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.pipeline = load_pipeline(Path(properties["model_dir"]) / "checkpoint", self.device)
+        settings = (context.model_yaml_config or {}).get("handler", {})
+        if settings.get("torch_threads"):
+            torch.set_num_threads(int(settings["torch_threads"]))
+        self.pipeline = load_pipeline(Path(properties["model_dir"]) / "checkpoint", self.device,
+                                      channels_last=bool(settings.get("channels_last", False)),
+                                      torch_compile=bool(settings.get("torch_compile", False)))
         self.specs = self.pipeline.param_specs()
         self.scoring_specs = self.pipeline.scoring_specs()
         self.manifest = context.manifest

@@ -15,6 +15,8 @@ Options (defaults in brackets):
   --request MODEL=JSON      more request parameters for a model, e.g. diffusion='{"steps": 2}' [served defaults]
   --raw-batches B ...       batch sizes of the in-process measurement [1 2 4 8 16]
   --raw-seconds S           least timed seconds per raw batch [3]
+  --trials T ...            lean-path settings tried in-process at raw's best batch against the served ones:
+                            channels_last (the other memory format), torch_compile [channels_last torch_compile]
   --baseline-steps N ...    DDPM steps of the seed's way for diffusion; none to skip [1000 200]
   --baseline-requests N     requests per baseline step count [3]
   --request-timeout S       client timeout per request [1300]
@@ -25,8 +27,11 @@ Options (defaults in brackets):
                             4 requests per cell, raw batches 1 and 2, a 3-step baseline; explicit options win
 
 What is measured, in this order, on snapshots of checkpoints/<model> (the same weights throughout):
-  raw       pipeline.sample in this process with as many torch threads as cores, at each raw batch (images per
+  raw       pipeline.sample in this process with as many torch threads as cores and the handler settings of
+            handlers/model-config/<model>.yaml (channels_last, torch_compile), at each raw batch (images per
             call): images/s; the best batch is the physical limit the served figures are compared with.
+            Each --trials entry flips one of those settings at the best batch: its images/s, its ratio to the
+            served setting, and the seconds of its first call (torch_compile compiles then).
   served    TorchServe on free loopback ports (scripts/local_server.py's running_server). For each model and worker
             count the checkpoint is archived with its yaml plus `handler: {torch_threads: cores // workers}`,
             so workers x threads never exceeds the cores. For each batching mode that archive is registered
@@ -74,6 +79,7 @@ from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from generators.params import InvalidParameter, validate  # noqa: E402
 from generators.pipelines import MAX_IMAGES, load_pipeline  # noqa: E402
 from scripts.archive import build_archive, snapshot_checkpoint  # noqa: E402
+from scripts.charts import axes, dashed  # noqa: E402
 from scripts.serving_api import ServerError, ServingFailure, reports_failures  # noqa: E402
 from scripts.local_server import (  # noqa: E402
     CHECKPOINTS, HTTP_TIMEOUT, MODELS, STARTUP_TIMEOUT, VERSION, Server, running_server,
@@ -83,13 +89,15 @@ from training.evaluate import describe_sampling, machine, markdown_table  # noqa
 QUIET_LOAD = 0.5  # a 1-minute load average above this means other work shares the cores
 RSS_INTERVAL_S = 0.1
 TINY = {"models": ["gan", "diffusion"], "concurrencies": [1, 2], "workers": [1], "requests": 4, "max_seconds": 0,
-        "raw_batches": [1, 2], "raw_seconds": 0.2, "baseline_steps": [3], "baseline_requests": 1}
+        "raw_batches": [1, 2], "raw_seconds": 0.2, "baseline_steps": [3], "baseline_requests": 1,
+        "trials": ["channels_last"]}
 TINY_BODIES = {"diffusion": {"steps": 2}}  # --tiny's request parameters, under any --request
 # The issue's goals, checked on each run's own figures.
 MIN_SERVED_TO_RAW = 0.9
 MIN_BATCHING_GAIN, BATCHING_CONCURRENCY = 3.0, 8
 MAX_P95_S = 1.0
 MAX_COLD_START_S = 5.0
+LEAN_SETTINGS = ("channels_last", "torch_compile")  # handler settings (model-config yaml) that the raw trials flip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", action="append", default=[], metavar="MODEL=JSON")
     p.add_argument("--raw-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--raw-seconds", type=float, default=3)
+    p.add_argument("--trials", nargs="*", choices=LEAN_SETTINGS, default=list(LEAN_SETTINGS))
     p.add_argument("--baseline-steps", nargs="*", type=int, default=[1000, 200])
     p.add_argument("--baseline-requests", type=int, default=3)
     p.add_argument("--request-timeout", type=float, default=1300)
@@ -146,32 +155,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- raw: the sampler in this process
 
 
-def time_sampling(pipeline, params: dict[str, Any], min_seconds: float) -> tuple[int, float]:
-    """(calls, seconds) of pipeline.sample after one untimed call, repeated until min_seconds have passed."""
+def time_sampling(pipeline, params: dict[str, Any], min_seconds: float) -> tuple[int, float, float]:
+    """(calls, seconds, first call's seconds) of pipeline.sample: one untimed call, then repeated until
+    min_seconds have passed."""
+    start = time.perf_counter()
     pipeline.sample(params, torch.Generator().manual_seed(0))
+    first = time.perf_counter() - start
     calls, start = 0, time.perf_counter()
     while calls == 0 or time.perf_counter() - start < min_seconds:
         calls += 1
         pipeline.sample(params, torch.Generator().manual_seed(calls))
-    return calls, time.perf_counter() - start
+    return calls, time.perf_counter() - start, first
 
 
-def measure_raw(checkpoint: Path, body: dict[str, Any], batches: list[int], min_seconds: float,
-                threads: int) -> dict[str, Any]:
+def handler_settings(model: str) -> dict[str, bool]:
+    """The lean-path settings the model's yaml gives its handler (absent: off)."""
+    config = yaml.safe_load((ROOT / "handlers" / "model-config" / f"{model}.yaml").read_text())
+    handler = config.get("handler") or {}
+    return {name: bool(handler.get(name, False)) for name in LEAN_SETTINGS}
+
+
+def raw_rows(pipeline, body: dict[str, Any], batches: list[int], min_seconds: float) -> list[dict[str, Any]]:
     """Images/s of the sampler at each batch, with the request's parameters validated as the handler does."""
-    torch.set_num_threads(threads)
-    pipeline = load_pipeline(checkpoint, "cpu")
     rows = []
     for batch in batches:
         params = validate(dict(body, n_images=batch, seed=0), pipeline.param_specs())
         pipeline.check_work(params)
-        calls, seconds = time_sampling(pipeline, params, min_seconds)
+        calls, seconds, first = time_sampling(pipeline, params, min_seconds)
         rows.append({"batch": batch, "calls": calls, "images": calls * batch, "seconds": round(seconds, 3),
-                     "images_per_s": round(calls * batch / seconds, 3)})
+                     "images_per_s": round(calls * batch / seconds, 3), "first_call_s": round(first, 3)})
+    return rows
+
+
+def measure_raw(checkpoint: Path, model: str, body: dict[str, Any], batches: list[int], min_seconds: float,
+                threads: int, trials: list[str]) -> dict[str, Any]:
+    """Raw images/s at each batch with the served settings, then each trial (one setting flipped) at the best."""
+    torch.set_num_threads(threads)
+    settings = handler_settings(model)
+    pipeline = load_pipeline(checkpoint, "cpu", **settings)
+    rows = raw_rows(pipeline, body, batches, min_seconds)
     best = max(rows, key=lambda row: row["images_per_s"])
-    return {"threads": threads, "weights_sha256": pipeline.config.get("weights_sha256"),
-            "sampling": sampling_of(params), "batches": rows, "best_batch": best["batch"],
-            "best_images_per_s": best["images_per_s"]}
+    result = {"threads": threads, "weights_sha256": pipeline.config.get("weights_sha256"), "settings": settings,
+              "sampling": sampling_of(validate(dict(body), pipeline.param_specs())), "batches": rows,
+              "best_batch": best["batch"], "best_images_per_s": best["images_per_s"], "trials": []}
+    for name in trials:
+        flipped = dict(settings, **{name: not settings[name]})
+        trial = {"settings": flipped, "batch": best["batch"]}
+        try:
+            row = raw_rows(load_pipeline(checkpoint, "cpu", **flipped), body, [best["batch"]], min_seconds)[0]
+        except Exception as error:  # a setting this model cannot run with is a finding, not a failed benchmark
+            trial["error"] = f"{type(error).__name__}: {error}"[:500]
+        else:
+            trial.update(images_per_s=row["images_per_s"], first_call_s=row["first_call_s"],
+                         ratio_to_served_setting=ratio(row["images_per_s"], best["images_per_s"]))
+        result["trials"].append(trial)
+    return result
 
 
 def sampling_of(params: dict[str, Any]) -> dict[str, Any]:
@@ -472,13 +510,21 @@ def table(result: dict[str, Any]) -> str:
              c["ratio_to_batching_off"] or "", c["latency_p50_s"], c["latency_p95_s"],
              " / ".join(map(str, c["peak_rss_mb"])), " / ".join(map(str, c["cold_start_s"]))]
             for c in result["served"]]
-    rows += [[model, f"raw, {raw['threads']} threads", batch["batch"], "", batch["calls"], batch["images_per_s"],
+    rows += [[model, f"raw, {raw['threads']} threads, {trial_label(raw.get('settings', {}))}", batch["batch"], "", batch["calls"], batch["images_per_s"],
               "", "", "", "", "", ""] for model, raw in result["raw"].items() for batch in raw["batches"]]
+    rows += [[model, f"raw trial: {trial_label(trial['settings'])}", trial["batch"], "", "",
+              trial.get("images_per_s", trial.get("error", "")), f"{trial.get('ratio_to_served_setting')} (served settings)",
+              "", f"first call {trial['first_call_s']}" if "first_call_s" in trial else "", "", "", ""]
+             for model, raw in result["raw"].items() for trial in raw.get("trials", [])]
     rows += [[f"diffusion, DDPM {b['steps']} steps (the seed's way)", f"1 x {b['threads_per_worker']}", 1, 1,
               b["requests"], b["images_per_s"], "", f"served default {b['served_default_speedup']}x faster",
               b["latency_p50_s"], b["latency_p95_s"], " / ".join(map(str, b["peak_rss_mb"])), ""]
              for b in result["baseline"]]
     return markdown_table(TABLE_HEADER, rows)
+
+
+def trial_label(settings: dict[str, bool]) -> str:
+    return ", ".join(f"{name} {'on' if on else 'off'}" for name, on in settings.items()) or "default settings"
 
 
 COLOURS = {(1, "off"): (31, 119, 180), (1, "on"): (255, 127, 14), (2, "off"): (44, 160, 44), (2, "on"): (214, 39, 40)}
@@ -540,21 +586,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, font, left: int, model: str, result: d
         dashed(draw, x0, x0 + 20, legend_y + 7, colour)
         draw.text((x0 + 26, legend_y), f"{label}: {value:.3g}/s", fill=colour, font=font)
         legend_y += LINE_H
-    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black")
-    for tick in range(5):
-        value = top * tick / 4
-        draw.line([(x0 - 4, y_of(value)), (x0, y_of(value))], fill="black")
-        draw.text((left + 4, y_of(value) - 6), f"{value:.3g}", fill="black", font=font)
-    for concurrency in concurrencies:
-        draw.text((x_of(concurrency) - 4, y0 + 6), str(concurrency), fill="black", font=font)
-    draw.text((x1 - 70, y0 + 22), "concurrency", fill="black", font=font)
-
-
-def dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, colour: tuple[int, int, int]) -> None:
-    x = x0
-    while x < x1:
-        draw.line([(x, y), (min(x + 6, x1), y)], fill=colour)
-        x += 10
+    axes(draw, font, left, (x0, y1, x1, y0), top, y_of, [(x_of(c), str(c)) for c in concurrencies], "concurrency")
 
 
 # ---------------------------------------------------------------- the run
@@ -589,8 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         for model, snapshot in checkpoints.items():
             snapshot_checkpoint(CHECKPOINTS / model, snapshot)
             try:
-                raw[model] = measure_raw(snapshot, dict(args.bodies[model]), args.raw_batches, args.raw_seconds,
-                                         cores)
+                raw[model] = measure_raw(snapshot, model, dict(args.bodies[model]), args.raw_batches,
+                                         args.raw_seconds, cores, args.trials)
             except InvalidParameter as error:
                 raise ServingFailure(f"{model}: {error} (from --request, --raw-batches or --n-images)") from None
             print(f"raw {model}: {raw[model]['best_images_per_s']} images/s at batch {raw[model]['best_batch']}",

@@ -9,7 +9,8 @@ weights), then docs/quality/<model>-*.json (baselines and other settings of the 
 The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py), the
 EBM's out-of-distribution table from docs/quality/ebm_ood.json (training/ebm_ood.py).
 Speed rows come from docs/sampling_speed.json (scripts/sample_report.py), the serving benchmark's from
-docs/benchmark.json (scripts/benchmark.py). Each table sits between
+docs/benchmark.json (scripts/benchmark.py), the samplers' quality against cost from docs/quality/nfe_curve.json
+(scripts/nfe_curve.py). Each table sits between
 `<!-- name -->` and `<!-- /name -->` markers in the README.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from training.evaluate import QUALITY_HEADER, describe_sampling, markdown_table, quality_row  # noqa: E402
 from scripts.benchmark import table as benchmark_cells  # noqa: E402
+from scripts.nfe_curve import curve_table  # noqa: E402
 
 MODELS = ("gan", "diffusion", "ebm")
 
@@ -112,6 +114,16 @@ def benchmark_table(docs: Path) -> str:
     return header + benchmark_cells(result) + "\n\n" + goals
 
 
+def nfe_table(docs: Path) -> str:
+    """KID (FID) per sampler, guidance and step count, with the run's N and reference."""
+    result = json.loads((docs / "quality" / "nfe_curve.json").read_text())
+    header = (f"KID (FID in brackets), {result['n_samples']} samples per setting ({result['n_samples'] // 10} per "
+              f"class; one seed for every setting, so DDIM and DPM++2M start each image from the same noise) against {result['reference']['n']} training images; "
+              f"diffusion weights of training step {result['training_steps']}. FID at this N carries a large "
+              f"small-sample bias: compare it only within this table. — = not measured.\n\n")
+    return header + curve_table(result)
+
+
 def machines_line(checkpoints: Path, docs: Path) -> str:
     """The machines the tables' JSON files say they were measured on, so the README never names one by hand."""
     files = [*sorted(checkpoints.glob("*/quality.json")), *sorted((docs / "quality").glob("*.json")),
@@ -140,6 +152,7 @@ def main() -> None:
     updated = replace_between_markers(updated, "ood-table", ood_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
     updated = replace_between_markers(updated, "benchmark-table", benchmark_table(args.docs))
+    updated = replace_between_markers(updated, "nfe-table", nfe_table(args.docs))
     updated = replace_between_markers(updated, "machines", machines_line(args.checkpoints, args.docs))
     if args.check:
         if updated != text:

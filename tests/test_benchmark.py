@@ -146,6 +146,18 @@ def test_raw_rows_are_consistent(tiny):
     assert result["raw"]["diffusion"]["sampling"]["steps"] == 2  # the --tiny request, as validated
 
 
+def test_raw_trials_flip_one_served_setting(tiny):
+    result, _, stdout = tiny
+    for model, raw in result["raw"].items():
+        handler = model_config(model).get("handler", {})
+        assert raw["settings"]["channels_last"] == bool(handler.get("channels_last", False)), model
+        (trial,) = raw["trials"]  # --tiny tries channels_last only
+        assert trial["settings"] == dict(raw["settings"], channels_last=not raw["settings"]["channels_last"])
+        assert trial["batch"] == raw["best_batch"] and trial["images_per_s"] > 0 and trial["first_call_s"] > 0
+        assert close(trial["ratio_to_served_setting"], trial["images_per_s"] / raw["best_images_per_s"])
+    assert "raw trial: channels_last" in stdout
+
+
 def test_targets_follow_from_the_figures(tiny):
     result, _, _ = tiny
     assert result["targets"]

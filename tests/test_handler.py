@@ -4,6 +4,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import ts
@@ -108,6 +109,24 @@ def test_torch_threads_from_the_model_yaml(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("model_type", sorted(SHAPES))
+def test_channels_last_setting_keeps_the_images(tmp_path, model_type):
+    """The yaml's handler.channels_last stores the conv weights NHWC and changes no pixel by more than 1 level."""
+    tiny_checkpoint(tmp_path / "checkpoint", model_type)
+    images = {}
+    for channels_last in (False, True):
+        handler = GeneratorHandler()
+        handler.initialize(make_context(tmp_path, 1, {"handler": {"channels_last": channels_last}}))
+        convs = [m for net in handler.pipeline.networks().values() for m in net.modules()
+                 if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+                             for m in convs if m.weight.shape[-1] > 1)
+        outputs, statuses, _ = run(handler, tmp_path, [{"n_images": 4, "seed": 5}])
+        assert statuses == [200]
+        images[channels_last] = torch.from_numpy(np.asarray(Image.open(io.BytesIO(outputs[0])), dtype=np.int32))
+    assert (images[False] - images[True]).abs().max() <= 1
 
 
 def test_ebm_scores_images_in_a_batch_beside_sampling_requests(tmp_path):
