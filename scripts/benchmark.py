@@ -61,7 +61,6 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -80,6 +79,7 @@ from generators.params import InvalidParameter, validate  # noqa: E402
 from generators.pipelines import MAX_IMAGES, load_pipeline  # noqa: E402
 from scripts.archive import build_archive, snapshot_checkpoint  # noqa: E402
 from scripts.charts import axes, dashed  # noqa: E402
+from scripts.load import ClosedLoop  # noqa: E402
 from scripts.serving_api import ServerError, ServingFailure, reports_failures  # noqa: E402
 from scripts.local_server import (  # noqa: E402
     CHECKPOINTS, HTTP_TIMEOUT, MODELS, STARTUP_TIMEOUT, VERSION, Server, running_server,
@@ -312,57 +312,13 @@ class PeakRss:
         return [round(rss / 2**20, 1) for rss in self.peaks.values()]
 
 
-@dataclass
-class Answer:
-    started: float  # time.perf_counter()
-    ended: float
-    status: int | None  # None: no answer (connection error or timeout)
-
-
-def closed_loop(url: str, key: str, body: dict[str, Any], concurrency: int, total: int, max_seconds: float,
-                timeout: float) -> list[Answer]:
-    """`concurrency` clients, each sending its next request as soon as the last is answered, until `total` are
-    sent or `max_seconds` have passed (0: no bound). Each client keeps its connection open."""
-    lock = threading.Lock()
-    deadline = time.perf_counter() + max_seconds if max_seconds else math.inf
-    answers: list[Answer] = []
-    sent = 0
-
-    def take() -> bool:
-        nonlocal sent
-        with lock:
-            if sent >= total or time.perf_counter() >= deadline:
-                return False
-            sent += 1
-            return True
-
-    def client() -> None:
-        with requests.Session() as session:
-            session.headers["Authorization"] = f"Bearer {key}"
-            while take():
-                started = time.perf_counter()
-                try:
-                    status = session.post(url, json=body, timeout=timeout).status_code
-                except requests.RequestException:
-                    status = None
-                with lock:
-                    answers.append(Answer(started, time.perf_counter(), status))
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return answers
-
-
 def measure_load(server: Server, name: str, body: dict[str, Any], concurrency: int, total: int, max_seconds: float,
                  timeout: float) -> dict[str, Any]:
     """One cell: images/s, latency percentiles and each worker's peak RSS under a closed loop of requests."""
     pids = worker_pids(server, name)
     with PeakRss(pids) as rss:
-        answers = closed_loop(f"{server.inference_url}/predictions/{name}/{VERSION}", server.key("inference"), body,
-                              concurrency, total, max_seconds, timeout)
+        answers = ClosedLoop(lambda: server.client(timeout, keep_alive=True), [(name, body)], concurrency, total,
+                             max_seconds, VERSION).wait()
     answered = [a for a in answers if a.status == 200]
     latencies = [a.ended - a.started for a in answered]
     seconds = max(a.ended for a in answers) - min(a.started for a in answers)
@@ -393,8 +349,8 @@ def measure_served(server: Server, checkpoints: dict[str, Path], args: argparse.
                 batch_size = settings["batchSize"] if batching == "on" else 1
                 with registered(server, archive, name, batch_size, settings["maxBatchDelay"]) as described:
                     cold_start = scale_up(server, name, workers)
-                    closed_loop(f"{server.inference_url}/predictions/{name}/{VERSION}", server.key("inference"),
-                                body, workers, 2 * workers, 0, args.request_timeout)  # warm-up
+                    ClosedLoop(lambda: server.client(args.request_timeout, keep_alive=True), [(name, body)],
+                               workers, 2 * workers, version=VERSION).wait()  # warm-up
                     group = {"model": model, "workers": workers, "threads_per_worker": threads,
                              "batching": batching, "batch_size": described["batchSize"],
                              "max_batch_delay_ms": described["maxBatchDelay"], "n_images": args.n_images,

@@ -64,8 +64,8 @@ class Server:
     def key(self, kind: str) -> str:
         return json.loads(self.key_file.read_text())[kind]["key"]
 
-    def client(self) -> TorchServeClient:
-        return TorchServeClient(self.inference_url, self.management_url, self.key_file, timeout=HTTP_TIMEOUT)
+    def client(self, timeout: float = HTTP_TIMEOUT, keep_alive: bool = False) -> TorchServeClient:
+        return TorchServeClient(self.inference_url, self.management_url, self.key_file, timeout, keep_alive)
 
     def post_raw(self, model: str, data: bytes | str | None, content_type: str | None = "application/json",
                  token: str | None = "inference", path: str | None = None) -> requests.Response:

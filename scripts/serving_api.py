@@ -126,14 +126,20 @@ def reports_failures(main: Callable[..., int | None]) -> Callable[..., int]:
 
 class TorchServeClient:
     """`key_file` is the key_file.json TorchServe writes in its working directory; None when auth is off.
-    The default timeout outlasts the longest responseTimeout in handlers/model-config/*.yaml (a full batch)."""
+    The default timeout outlasts the longest responseTimeout in handlers/model-config/*.yaml (a full batch).
+    With keep_alive the client reuses its connections (one requests.Session: use it from one thread only)."""
 
     def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = "http://127.0.0.1:8081",
-                 key_file: Path | None = Path("key_file.json"), timeout: float = 1300):
+                 key_file: Path | None = Path("key_file.json"), timeout: float = 1300, keep_alive: bool = False):
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.key_file = Path(key_file) if key_file else None
         self.timeout = timeout
+        self._http = requests.Session() if keep_alive else requests
+
+    def close(self) -> None:
+        if isinstance(self._http, requests.Session):
+            self._http.close()
 
     def _keys(self) -> dict[str, str]:
         """kind -> key, read fresh each time: TorchServe rewrites the file when a key is renewed."""
@@ -160,7 +166,7 @@ class TorchServeClient:
     def _send(self, method: str, url: str, key: str | None, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            return requests.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+            return self._http.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
         except requests.ConnectionError:
             raise ServerUnreachable(f"cannot connect to TorchServe at {url}; is it running? Start it with "
                                     f"`make serve`, or point the script at its address") from None

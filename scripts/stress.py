@@ -42,14 +42,13 @@ import signal
 import struct
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import psutil
@@ -66,7 +65,8 @@ from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from scripts.local_server import (  # noqa: E402
     HTTP_TIMEOUT, MODELS, Server, restart_server, run_archive, running_server,
 )
-from scripts.serving_api import ServingFailure  # noqa: E402
+from scripts.load import ClosedLoop, Outcome, failures  # noqa: E402
+from scripts.serving_api import TorchServeClient  # noqa: E402
 from training.evaluate import machine  # noqa: E402
 
 CHECKS = ("fuzz", "load", "kill", "swap", "restart")
@@ -457,69 +457,9 @@ def load_mix(descriptions: dict[str, dict]) -> list[tuple[str, dict]]:
             ("ebm", {"images": [base64.b64encode(good_png(7, side)).decode("ascii")]})]
 
 
-@dataclass
-class Outcome:
-    model: str
-    started: float  # time.monotonic()
-    ended: float
-    status: int | None  # None: no answer
-    detail: str = ""
-
-
-@dataclass
-class Load:
-    """Requests cycling through `mix` from `concurrency` threads, from creation until `total` are sent or
-    stop() is called; each request's Outcome is kept."""
-    server: Server
-    mix: list[tuple[str, dict]]
-    concurrency: int
-    total: int | None = None
-    outcomes: list[Outcome] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        self._next = 0
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(self.concurrency)
-        self._futures = [self._pool.submit(self._worker) for _ in range(self.concurrency)]
-
-    def _take(self) -> int | None:
-        with self._lock:
-            if self._stop.is_set() or (self.total is not None and self._next >= self.total):
-                return None
-            self._next += 1
-            return self._next - 1
-
-    def _worker(self) -> None:
-        client = self.server.client()
-        while (index := self._take()) is not None:
-            model, body = self.mix[index % len(self.mix)]
-            started = time.monotonic()
-            try:
-                response = client.generate(model, body, check=False)
-                status, detail = response.status_code, "" if response.ok else response.text[:200]
-            except ServingFailure as failure:
-                status, detail = None, str(failure)[:200]
-            with self._lock:
-                self.outcomes.append(Outcome(model, started, time.monotonic(), status, detail))
-
-    def wait(self) -> list[Outcome]:
-        for future in self._futures:
-            future.result()
-        self._pool.shutdown()
-        return self.outcomes
-
-    def stop(self) -> list[Outcome]:
-        self._stop.set()
-        return self.wait()
-
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.outcomes)
-
-
-def failures(outcomes: list[Outcome]) -> list[Outcome]:
-    return [o for o in outcomes if o.status != 200]
+def new_client(server: Server) -> Callable[[], TorchServeClient]:
+    """One kept-open client per load thread."""
+    return lambda: server.client(keep_alive=True)
 
 
 def rss_mb(pid: int) -> float:
@@ -544,12 +484,12 @@ def load(server: Server, total: int, concurrency: int) -> dict[str, Any]:
     """`total` mixed requests at `concurrency`; worker RSS is taken after one warm-up request of each kind."""
     descriptions, _ = served_descriptions(server)
     mix = load_mix(descriptions)
-    Load(server, mix, 1, total=len(mix)).wait()  # warm-up: first-request allocations are not growth
+    ClosedLoop(new_client(server), mix, 1, total=len(mix)).wait()  # warm-up: first-request allocations are not growth
     rss_start = worker_rss(server)
     java_start = rss_mb(server.pid)
     before = worker_identities(server)
     started = time.monotonic()
-    outcomes = Load(server, mix, concurrency, total=total).wait()
+    outcomes = ClosedLoop(new_client(server), mix, concurrency, total=total).wait()
     seconds = time.monotonic() - started
     rss_end = worker_rss(server)
     growth = {k: round(rss_end[k] - rss_start[k], 1) for k in rss_start if k in rss_end}
@@ -603,7 +543,7 @@ def kill_worker(server: Server, concurrency: int, workers: int = 1, model: str =
     scale(server, model, workers, max(workers, original["maxWorkers"]))
     victim = client.describe(model)[0]["workers"][0]
     others_before = {m: ids for m, ids in worker_identities(server).items() if m != model}
-    load_ = Load(server, load_mix(descriptions), concurrency)
+    load_ = ClosedLoop(new_client(server), load_mix(descriptions), concurrency)
     try:
         time.sleep(warm_up_s)
         killed_at = time.monotonic()
@@ -676,7 +616,7 @@ def hot_swap(server: Server, concurrency: int, settle_s: float = 5, timeout: flo
     client = server.client()
     old = versions[SWAP_MODEL]
     steps: dict[str, float] = {}
-    load_ = Load(server, load_mix(descriptions), concurrency)
+    load_ = ClosedLoop(new_client(server), load_mix(descriptions), concurrency)
     try:
         started = time.monotonic()
         built = run_archive(server.checkpoints[SWAP_MODEL], SWAP_VERSION, server.model_store)
