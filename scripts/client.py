@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from scripts.serving_api import TorchServeClient, reports_failures  # noqa: E402
 
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             response = client.generate(args.model, params, version=args.version)
             body = response.content
-        args.output.write_bytes(body)
+        atomic_write_bytes(args.output, body)  # an interrupted run never leaves half a PNG
         print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
     elif args.command == "scale":
         print(client.scale(args.model, args.workers, version=args.version)["status"])

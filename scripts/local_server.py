@@ -231,17 +231,17 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def start_server(server: Server, via_serve_sh: bool) -> None:
+def start_server(server: Server, via_serve_sh: bool, launcher_argv: Sequence[str] | None = None) -> None:
     """Start TorchServe in server.root (config.properties and the archives already there) and wait for READY.
 
     Directly: `torchserve --start --ncs` with the archives of server.checkpoints. Through serve.sh: the copy
-    in server.root/scripts, in the foreground, which loads the three archives or restores the last snapshot."""
-    temp = server.root / "temp"
-    pid_file = temp / ".model_server.pid"
+    in server.root/scripts (or `launcher_argv`, e.g. a container's command), in the foreground, which loads the
+    three archives or restores the last snapshot. TorchServe's pid file is looked for under server.env's TEMP."""
+    pid_file = Path(server.env.get("TEMP", server.root / "temp")) / ".model_server.pid"
     with open(server.root / "torchserve.out", "ab") as out:  # a file, never a pipe: java keeps it open
         if via_serve_sh:
-            server.launcher = subprocess.Popen([str(server.root / "scripts" / "serve.sh")], cwd=server.root,
-                                               env=server.env, stdout=out, stderr=subprocess.STDOUT)
+            server.launcher = subprocess.Popen(list(launcher_argv or [str(server.root / "scripts" / "serve.sh")]),
+                                               cwd=server.root, env=server.env, stdout=out, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 60
             while not pid_file.exists() and server.launcher.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from generators.params import json_schema  # noqa: E402
 from generators.pipelines import Pipeline, load_pipeline  # noqa: E402
+from handlers.generator_handler import PROGRESS_CONTENT_TYPE, PROGRESS_EVENTS  # noqa: E402
 from scripts.archive import snapshot_checkpoint  # noqa: E402
 
 MODELS = ("diffusion", "ebm", "gan")
@@ -103,7 +104,14 @@ def operation(model: str, pipeline: Pipeline) -> dict[str, Any]:
                 "headers": {"X-Seed": {"description": "the seed used" + (" (absent for scoring)" if scores else ""),
                                        "schema": {"type": "string"}}},
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
-                            JSON: {"schema": answers}},
+                            JSON: {"schema": answers},
+                            PROGRESS_CONTENT_TYPE: {"schema": {
+                                "type": "string", "format": "binary",
+                                "description": f'With "progress": true, streamed in chunks: up to {PROGRESS_EVENTS} '
+                                               'lines of JSON, each {"progress": fraction, "step": n, "steps": total} '
+                                               'and a newline, then the PNG or JSON answer. A request that fails '
+                                               'after the first line gets the Error JSON as that answer (its '
+                                               'status, sent with the first line, says 200).'}}},
             },
             "400": {"description": "A bad request, named by field; or a missing, wrong or expired key",
                     "content": {JSON: {"schema": {"anyOf": [ref("Error"), ref("TorchServeError")]}}}},

@@ -6,9 +6,9 @@ unknown field fails, as it does on a cluster that validates fields strictly), an
 tests/schemas/kserve-inferenceservice-v1beta1.json with Kubernetes' PodSpec of the same version.
 
 The `pod` fixture runs what the Deployment's torchserve container runs: the image's CMD (scripts/serve.sh) in a copy
-of the image's /app (scripts/, config.properties, the archives in model_store/), with the container's environment.
-Only the ports move, to free ones; no container engine is involved. Where nginx is installed, `auth_proxy` runs the
-proxy container's configuration, rendered from its environment, in front of it.
+of the image's /app (generators/, handlers/, scripts/, config.properties, the archives in model_store/), with the
+container's environment. Only the ports move, to free ones; no container engine is involved. Where nginx is
+installed, `auth_proxy` runs the proxy container's configuration, rendered from its environment, in front of it.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ import yaml
 from PIL import Image
 from referencing import Registry, Resource
 
+from scripts.local_server import start_server
 from tests.conftest import (
     HTTP_TIMEOUT, MODELS, ROOT, VENV_BIN, Server, free_ports, snapshot_and_build_archives, stop_server,
-    wait_ready,
 )
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -265,7 +265,8 @@ def pod(tmp_path_factory) -> Iterator[Pod]:
     root = tmp_path_factory.mktemp("pod")
     app, temp = root / "app", root / "temp"  # the image's WORKDIR, and our own TEMP (torchserve's pid file)
     temp.mkdir()
-    shutil.copytree(ROOT / "scripts", app / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("generators", "handlers", "scripts"):  # the Dockerfile's COPYs (checkpoints: snapshots below)
+        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "config.properties", app)
 
     spec = deployment_containers()
@@ -289,30 +290,11 @@ def pod(tmp_path_factory) -> Iterator[Pod]:
     )
     snapshot_and_build_archives(server)
 
-    serve = None
     try:
-        with open(app / "torchserve.out", "wb") as out:  # a file, never a pipe: java keeps it open
-            serve = subprocess.Popen(container_argv(spec["torchserve"]), cwd=app, env=env, stdout=out,
-                                     stderr=subprocess.STDOUT)
-        pid_file = temp / ".model_server.pid"
-        deadline = time.monotonic() + 60
-        while not pid_file.exists() and serve.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if not pid_file.exists():
-            pytest.fail(f"serve.sh -> {serve.poll()}, no TorchServe pid file:\n"
-                        f"{(app / 'torchserve.out').read_text(errors='replace')[-3000:]}")
-        server.pid = int(pid_file.read_text().split()[0])
-        wait_ready(server)
+        start_server(server, via_serve_sh=True, launcher_argv=container_argv(spec["torchserve"]))
         yield Pod(server, env, ports)
     finally:
-        if serve is not None:
-            stop_server(server)
-            try:
-                serve.wait(timeout=30)  # serve.sh returns once TorchServe has stopped
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
-                pytest.fail("scripts/serve.sh did not exit after torchserve --stop")
+        stop_server(server)  # waits for serve.sh to return once TorchServe has stopped
 
 
 def assert_png(response: requests.Response, mode: str = "L") -> None:
