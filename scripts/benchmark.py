@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT))
 from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from generators.params import InvalidParameter, validate  # noqa: E402
 from generators.pipelines import MAX_IMAGES, load_pipeline  # noqa: E402
-from scripts.archive import build_archive, snapshot_checkpoint  # noqa: E402
+from scripts.archive import LEAN_SETTINGS, build_archive, handler_settings, snapshot_checkpoint  # noqa: E402
 from scripts.charts import axes, dashed  # noqa: E402
 from scripts.load import ClosedLoop  # noqa: E402
 from scripts.serving_api import ServerError, ServingFailure, reports_failures  # noqa: E402
@@ -97,7 +97,6 @@ MIN_SERVED_TO_RAW = 0.9
 MIN_BATCHING_GAIN, BATCHING_CONCURRENCY = 3.0, 8
 MAX_P95_S = 1.0
 MAX_COLD_START_S = 5.0
-LEAN_SETTINGS = ("channels_last", "torch_compile")  # handler settings (model-config yaml) that the raw trials flip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,13 +165,6 @@ def time_sampling(pipeline, params: dict[str, Any], min_seconds: float) -> tuple
         calls += 1
         pipeline.sample(params, torch.Generator().manual_seed(calls))
     return calls, time.perf_counter() - start, first
-
-
-def handler_settings(model: str) -> dict[str, bool]:
-    """The lean-path settings the model's yaml gives its handler (absent: off)."""
-    config = yaml.safe_load((ROOT / "handlers" / "model-config" / f"{model}.yaml").read_text())
-    handler = config.get("handler") or {}
-    return {name: bool(handler.get(name, False)) for name in LEAN_SETTINGS}
 
 
 def raw_rows(pipeline, body: dict[str, Any], batches: list[int], min_seconds: float) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from generators.pipelines import load_pipeline  # noqa: E402
+from scripts.archive import handler_settings  # noqa: E402
 from scripts.charts import axes, dashed  # noqa: E402
 from training.classifiers import classify, load_classifier  # noqa: E402
 from training.data import DEFAULT_PATHS, ImageDataset  # noqa: E402
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipeline = load_pipeline(args.checkpoint, channels_last=True)
+    pipeline = load_pipeline(args.checkpoint, **handler_settings("diffusion"))  # as served
     if pipeline.model_type != "diffusion" or not pipeline.class_names:
         raise SystemExit(f"{args.checkpoint} is not a class-conditional diffusion checkpoint")
     train = ImageDataset(DEFAULT_PATHS["cifar10"])

@@ -2,6 +2,7 @@
 # Every quality figure and grid in the README, from the committed checkpoints, in one command:
 #   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
 #   scripts/quality_report.sh sweeps     # only the diffusion guidance sweep
+#   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,9 @@ if [[ $part == all || $part == sweeps ]]; then
   # guidance 3 (the served default, chosen from this sweep) is the served row below
   sweep guidance-4-interval '{"steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
   sweep guidance-4-rescale '{"steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
+fi
+if [[ $part == all || $part == nfe ]]; then
+  $PY scripts/nfe_curve.py   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM, N = 300 each
 fi
 if [[ $part == all || $part == served ]]; then
   $EVAL --model diffusion --n-samples 500   # DDIM 20 steps, guidance 3: the sweep's setting, same N

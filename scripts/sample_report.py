@@ -23,6 +23,7 @@ from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from generators.imaging import save_grid  # noqa: E402
 from generators.params import validate  # noqa: E402
 from generators.pipelines import load_pipeline  # noqa: E402
+from scripts.archive import handler_settings  # noqa: E402
 from training.evaluate import machine  # noqa: E402
 
 # (model, label, request parameters, images per class): the grids and timings the README shows. With images per
@@ -70,7 +71,7 @@ def main() -> None:
     for model, label, params, per_class in CASES:
         if args.only is not None and model not in args.only:
             continue
-        pipeline = load_pipeline(args.checkpoints / model, "cpu")
+        pipeline = load_pipeline(args.checkpoints / model, "cpu", **handler_settings(model))  # as served
         sample_case(pipeline, dict(params, n_images=1), args.seed, 0)  # warm-up
         images, seconds = sample_case(pipeline, params, args.seed, per_class)
         path = args.out / "samples" / f"{model}-{label}.png"
