@@ -109,8 +109,16 @@ def same_body(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 # ---- presentation (scripts/readme_tables.py renders the table into the README)
 
-def curve_table(result: dict[str, Any]) -> str:
-    """One row per guidance scale and sampler: KID (FID) at each step count, and the reference."""
+CELLS = {  # what a table cell shows, per figure
+    "kid": lambda r: f"{r['kid']:.4f} ({r['fid']:.1f})",
+    "colour": lambda r: f"{r['clipped_fraction']:.4f} ({r['pixel_std']:.3f})",
+}
+
+
+def curve_table(result: dict[str, Any], figure: str = "kid") -> str:
+    """One row per guidance scale and sampler, one column per step count (the reference in one cell):
+    KID (FID), or with figure="colour" the clipped fraction (pixel std)."""
+    cell = CELLS[figure]
     rows = []
     steps = sorted({r["steps"] for r in result["results"] if r["sampler"] != "ddpm"})
     for scale in sorted({r["guidance_scale"] for r in result["results"]}, reverse=True):
@@ -120,11 +128,10 @@ def curve_table(result: dict[str, Any]) -> str:
                 continue
             label = f"guidance {scale:g}" if scale != 1 else "no guidance (conditional)"
             if sampler == "ddpm":
-                cells = [f"{r['kid']:.4f} ({r['fid']:.1f}) at {n} steps" for n, r in found.items()]
+                cells = [f"{cell(r)} at {n} steps" for n, r in found.items()]
                 rows.append([label, "DDPM (reference)", "; ".join(cells)] + [""] * (len(steps) - 1))
             else:
-                rows.append([label, sampler.upper()] + [f"{found[n]['kid']:.4f} ({found[n]['fid']:.1f})"
-                                                        if n in found else "—" for n in steps])
+                rows.append([label, sampler.upper()] + [cell(found[n]) if n in found else "—" for n in steps])
     return markdown_table(["guidance", "sampler"] + [f"{n} steps" for n in steps], rows)
 
 

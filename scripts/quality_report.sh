@@ -26,7 +26,7 @@ if [[ $part == all || $part == nfe ]]; then
   $PY scripts/nfe_curve.py   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM, N = 300 each
 fi
 if [[ $part == all || $part == served ]]; then
-  $EVAL --model diffusion --n-samples 500   # DDIM 20 steps, guidance 3: the sweep's setting, same N
+  $EVAL --model diffusion --n-samples 500   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part), same N as the sweeps
   $EVAL --model ebm --n-samples 250   # about 1.25 s per guided sample on 2 cores: read its KID
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
   $PY -m training.ebm_ood --n 500

@@ -121,7 +121,10 @@ def nfe_table(docs: Path) -> str:
               f"class; one seed for every setting, so DDIM and DPM++2M start each image from the same noise) against {result['reference']['n']} training images; "
               f"diffusion weights of training step {result['training_steps']}. FID at this N carries a large "
               f"small-sample bias: compare it only within this table. — = not measured.\n\n")
-    return header + curve_table(result)
+    real = result["real_pixels"]
+    colour = (f"\n\nThe same settings' colours: clipped fraction (pixel std); the real reference images: "
+              f"{real['clipped_fraction']:.4f} ({real['pixel_std']:.3f}).\n\n")
+    return header + curve_table(result) + colour + curve_table(result, "colour")
 
 
 def machines_line(checkpoints: Path, docs: Path) -> str:

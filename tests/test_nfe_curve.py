@@ -7,7 +7,8 @@ from scripts.nfe_curve import build_parser, curve_table, evaluations, plot, sett
 
 
 def row(sampler, steps, scale, kid):
-    return {"sampler": sampler, "steps": steps, "guidance_scale": scale, "kid": kid, "fid": kid * 5000}
+    return {"sampler": sampler, "steps": steps, "guidance_scale": scale, "kid": kid, "fid": kid * 5000,
+            "clipped_fraction": kid / 2, "pixel_std": 0.2}
 
 
 def test_grid_first_then_the_costly_references():
@@ -34,5 +35,6 @@ def test_table_and_plot_show_every_measured_setting():
     assert "| guidance 3 | DPM++2M | 0.0200 (100.0) | — |" in table
     assert "0.0090 (45.0) at 1000 steps" in table
     assert "| no guidance (conditional) | DDIM | 0.0500 (250.0) | — |" in table
+    assert "| guidance 3 | DDIM | 0.0150 (0.200) | 0.0050 (0.200) |" in curve_table(result, "colour")
     image = Image.open(io.BytesIO(plot(result)))
     assert image.size[0] == 2 * image.size[1] * 560 // 420  # one panel per guidance scale

@@ -22,9 +22,10 @@ parser = base_parser(__doc__, "diffusion", "cifar10", batch_size=64, lr=5e-4, em
 add_denoising_options(parser)
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward pass (compiling takes minutes on a CPU)")
-parser.add_argument("--serve-sampler", default="ddim", help="sampler default written to the served config")
-parser.add_argument("--serve-steps", type=int, default=50)
-parser.add_argument("--serve-guidance", type=float, default=8.0)
+parser.add_argument("--serve-sampler", default="dpm++2m",
+                    help="sampler default written to the served config (chosen by scripts/nfe_curve.py)")
+parser.add_argument("--serve-steps", type=int, default=20)
+parser.add_argument("--serve-guidance", type=float, default=3.0)
 
 
 def unet_config_from_args(args, data: ImageDataset) -> UNetConfig:
