@@ -87,6 +87,7 @@ from scripts.local_server import (  # noqa: E402
 from training.evaluate import describe_sampling, machine, markdown_table  # noqa: E402
 
 QUIET_LOAD = 0.5  # a 1-minute load average above this means other work shares the cores
+THREADING_ENV = ("OMP_", "MKL_", "KMP_")  # variables that change how torch threads wait and spin; the servers inherit them
 RSS_INTERVAL_S = 0.1
 TINY = {"models": ["gan", "diffusion"], "concurrencies": [1, 2], "workers": [1], "requests": 4, "max_seconds": 0,
         "raw_batches": [1, 2], "raw_seconds": 0.2, "baseline_steps": [3], "baseline_requests": 1,
@@ -583,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": dict(machine(torch.device("cpu")), torch_threads=cores, cores=cores,
                         load_average_1min_before=round(load_before, 2),
-                        load_average_1min_after=round(os.getloadavg()[0], 2), quiet=load_before <= QUIET_LOAD),
+                        load_average_1min_after=round(os.getloadavg()[0], 2), quiet=load_before <= QUIET_LOAD,
+                        threading_env={k: v for k, v in os.environ.items() if k.startswith(THREADING_ENV)}),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "work_dir", "request")},
         "sampling": {m: describe_sampling(raw[m]["sampling"], "class_label" in raw[m]["sampling"]) for m in raw},
         "cold_start": "seconds from a scale-up call (PUT /models/<name>?min_worker=n&synchronous=true) until "
