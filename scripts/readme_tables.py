@@ -114,13 +114,14 @@ def benchmark_table(docs: Path) -> str:
     return header + benchmark_cells(result) + "\n\n" + goals
 
 
-def nfe_table(docs: Path) -> str:
-    """KID (FID) per sampler, guidance and step count, with the run's N and reference."""
-    result = json.loads((docs / "quality" / "nfe_curve.json").read_text())
+def nfe_table(path: Path) -> str:
+    """A sampling-cost sweep (scripts/nfe_curve.py): KID (FID) per setting, then its colours, with N and reference."""
+    result = json.loads(path.read_text())
     header = (f"KID (FID in brackets), {result['n_samples']} samples per setting ({result['n_samples'] // 10} per "
-              f"class; one seed for every setting, so DDIM and DPM++2M start each image from the same noise) against {result['reference']['n']} training images; "
-              f"diffusion weights of training step {result['training_steps']}. FID at this N carries a large "
-              f"small-sample bias: compare it only within this table. — = not measured.\n\n")
+              f"class; one seed for every setting, so deterministic samplers start each image from the same noise) "
+              f"against {result['reference']['n']} training images; {result['model']} weights of training step "
+              f"{result['training_steps']}. FID at this N carries a large small-sample bias: compare it only within "
+              f"this table. — = not measured.\n\n")
     real = result["real_pixels"]
     colour = (f"\n\nThe same settings' colours: clipped fraction (pixel std); the real reference images: "
               f"{real['clipped_fraction']:.4f} ({real['pixel_std']:.3f}).\n\n")
@@ -155,7 +156,7 @@ def main() -> None:
     updated = replace_between_markers(updated, "ood-table", ood_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
     updated = replace_between_markers(updated, "benchmark-table", benchmark_table(args.docs))
-    updated = replace_between_markers(updated, "nfe-table", nfe_table(args.docs))
+    updated = replace_between_markers(updated, "nfe-table", nfe_table(args.docs / "quality" / "nfe_curve.json"))
     updated = replace_between_markers(updated, "machines", machines_line(args.checkpoints, args.docs))
     if args.check:
         if updated != text:

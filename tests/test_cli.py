@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = {
     "scripts/archive.py": "--register",
+    "scripts/benchmark.py": "--trials",
+    "scripts/nfe_curve.py": "--reference",
     "scripts/client.py": "generate",
     "scripts/openapi.py": "--check",
     "scripts/readme_tables.py": "--check",

@@ -1,39 +1,62 @@
-"""scripts/nfe_curve.py: what it measures, in which order, and how it shows it (the sweep itself takes hours)."""
+"""scripts/nfe_curve.py: what it measures, in which order, and how it shows it (a sweep itself takes hours)."""
 import io
 
+import pytest
 from PIL import Image
 
-from scripts.nfe_curve import build_parser, curve_table, evaluations, plot, settings
+from scripts.nfe_curve import curve_table, evaluations, parse_args, plot, settings
+from generators.pipelines import load_pipeline
+from tests.synthetic import tiny_checkpoint
 
 
-def row(sampler, steps, scale, kid):
-    return {"sampler": sampler, "steps": steps, "guidance_scale": scale, "kid": kid, "fid": kid * 5000,
-            "clipped_fraction": kid / 2, "pixel_std": 0.2}
+def row(sampler, steps, scale, kid, reference=False):
+    r = {"sampler": sampler, "steps": steps, "guidance_scale": scale, "kid": kid, "fid": kid * 5000,
+         "clipped_fraction": kid / 2, "pixel_std": 0.2}
+    return r | {"reference": True} if reference else r
 
 
 def test_grid_first_then_the_costly_references():
-    args = build_parser().parse_args(["--samplers", "ddim", "dpm++2m", "--steps", "5", "10", "--guidance", "3", "1",
-                                      "--reference-steps", "1000"])
-    bodies = settings(args)
+    args = parse_args(["--series", "sampler=ddim,dpm++2m", "--x", "steps=5,10", "--guidance", "3", "1"])
+    bodies = settings(args, default_guidance=3.0)
     assert len(bodies) == 2 * 2 * 2 + 2
     assert bodies[0] == {"sampler": "ddim", "steps": 5, "guidance_scale": 3.0}
-    assert [b["sampler"] for b in bodies[-2:]] == ["ddpm", "ddpm"] and bodies[-1]["steps"] == 1000
-    assert settings(build_parser().parse_args(["--reference-steps", "0"]))[-1]["sampler"] != "ddpm"
+    assert bodies[-1] == {"sampler": "ddpm", "steps": 1000, "guidance_scale": 1.0, "reference": True}
+    assert not any(b.get("reference") for b in settings(parse_args(["--reference", ""]), 3.0))
 
 
-def test_guided_steps_cost_two_evaluations():
-    assert evaluations({"steps": 20, "guidance_scale": 3.0}) == 40
-    assert evaluations({"steps": 20, "guidance_scale": 1.0}) == 20
+def test_ebm_defaults_sweep_its_langevin_schedule():
+    args = parse_args(["--model", "ebm"])
+    bodies = settings(args, default_guidance=2.0)
+    assert bodies[0] == {"corrector_steps": 0, "levels": 5, "guidance_scale": 2.0}
+    assert {b["guidance_scale"] for b in bodies} == {2.0, 1.0}
+    assert args.out.name == "ebm_nfe_curve.json" and args.plot.name == "ebm_nfe_curve.png"
+
+
+@pytest.mark.parametrize("option", [["--x", "steps"], ["--series", "=1,2"], ["--reference", "{not json"]])
+def test_bad_axes_are_refused(option):
+    with pytest.raises(SystemExit):
+        parse_args(option)
+
+
+@pytest.mark.parametrize("model, body, cost", [
+    ("diffusion", {"sampler": "ddim", "steps": 20, "guidance_scale": 3.0}, 40),
+    ("diffusion", {"sampler": "ddim", "steps": 20, "guidance_scale": 1.0}, 20),
+    ("ebm", {"levels": 10, "corrector_steps": 1, "guidance_scale": 2.0, "reference": True}, 40),
+])
+def test_evaluations_are_the_servers_work_count(tmp_path, model, body, cost):
+    tiny_checkpoint(tmp_path, model)
+    assert evaluations(load_pipeline(tmp_path), body) == cost
 
 
 def test_table_and_plot_show_every_measured_setting():
-    result = {"n_samples": 300, "results": [row("ddim", 5, 3.0, 0.03), row("ddim", 20, 3.0, 0.01),
-                                            row("dpm++2m", 5, 3.0, 0.02), row("ddpm", 1000, 3.0, 0.009),
-                                            row("ddim", 5, 1.0, 0.05)]}
+    result = {"model": "diffusion", "n_samples": 300, "series": "sampler", "x": "steps",
+              "reference_keys": ["sampler", "steps"],
+              "results": [row("ddim", 5, 3.0, 0.03), row("ddim", 20, 3.0, 0.01), row("dpm++2m", 5, 3.0, 0.02),
+                          row("ddpm", 1000, 3.0, 0.009, reference=True), row("ddim", 5, 1.0, 0.05)]}
     table = curve_table(result)
     assert "| guidance 3 | DDIM | 0.0300 (150.0) | 0.0100 (50.0) |" in table
     assert "| guidance 3 | DPM++2M | 0.0200 (100.0) | — |" in table
-    assert "0.0090 (45.0) at 1000 steps" in table
+    assert "| guidance 3 | reference: sampler ddpm, steps 1000 | 0.0090 (45.0) |  |" in table
     assert "| no guidance (conditional) | DDIM | 0.0500 (250.0) | — |" in table
     assert "| guidance 3 | DDIM | 0.0150 (0.200) | 0.0050 (0.200) |" in curve_table(result, "colour")
     image = Image.open(io.BytesIO(plot(result)))
