@@ -10,7 +10,7 @@ gets when sampled alone (up to the rounding of batched kernels).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
 from torch import nn
@@ -332,6 +332,15 @@ class GANPipeline(Pipeline):
 
 
 PIPELINES: dict[str, type[Pipeline]] = {p.model_type: p for p in (DiffusionPipeline, EBMPipeline, GANPipeline)}
+
+
+LEAN_SETTINGS = ("channels_last", "torch_compile")  # handler settings (model-config yaml) that load_pipeline takes
+
+
+def lean_settings(handler_settings: Mapping[str, Any]) -> dict[str, bool]:
+    """load_pipeline's keyword arguments from a model-config yaml's `handler:` section (absent: off), so the
+    handler and in-process measurements read those settings the same way."""
+    return {name: bool(handler_settings.get(name, False)) for name in LEAN_SETTINGS}
 
 
 def load_pipeline(checkpoint_dir: Path, device: torch.device | str = "cpu", channels_last: bool = False,

@@ -26,7 +26,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from generators.imaging import encode_png, grid, to_uint8
 from generators.params import MAX_SEED, InvalidParameter, parse_request, validate
-from generators.pipelines import Progress, load_pipeline
+from generators.pipelines import Progress, lean_settings, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class GeneratorHandler(BaseHandler):
         if settings.get("torch_threads"):
             torch.set_num_threads(int(settings["torch_threads"]))
         self.pipeline = load_pipeline(Path(properties["model_dir"]) / "checkpoint", self.device,
-                                      channels_last=bool(settings.get("channels_last", False)),
-                                      torch_compile=bool(settings.get("torch_compile", False)))
+                                      **lean_settings(settings))
         self.specs = self.pipeline.param_specs()
         self.scoring_specs = self.pipeline.scoring_specs()
         self.manifest = context.manifest

@@ -27,19 +27,17 @@ sys.path.insert(0, str(ROOT))
 
 from generators.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint  # noqa: E402
 from generators.params import validate  # noqa: E402
-from generators.pipelines import load_pipeline  # noqa: E402
+from generators.pipelines import lean_settings, load_pipeline  # noqa: E402
 from scripts.serving_api import TorchServeClient, reports_failures  # noqa: E402
 
 HANDLER = ROOT / "handlers" / "generator_handler.py"
-LEAN_SETTINGS = ("channels_last", "torch_compile")  # handler settings in the model-config yaml (load_pipeline's)
 
 
 def handler_settings(model_type: str) -> dict[str, bool]:
     """The lean-path settings handlers/model-config/<model_type>.yaml gives its handler (absent: off), so that
     in-process measurements sample as the served workers do."""
     config = yaml.safe_load((ROOT / "handlers" / "model-config" / f"{model_type}.yaml").read_text())
-    handler = config.get("handler") or {}
-    return {name: bool(handler.get(name, False)) for name in LEAN_SETTINGS}
+    return lean_settings(config.get("handler") or {})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -76,8 +76,8 @@ sys.path.insert(0, str(ROOT))
 
 from generators.checkpoint import atomic_write_bytes  # noqa: E402
 from generators.params import InvalidParameter, validate  # noqa: E402
-from generators.pipelines import MAX_IMAGES, load_pipeline  # noqa: E402
-from scripts.archive import LEAN_SETTINGS, build_archive, handler_settings, snapshot_checkpoint  # noqa: E402
+from generators.pipelines import LEAN_SETTINGS, MAX_IMAGES, load_pipeline  # noqa: E402
+from scripts.archive import build_archive, handler_settings, snapshot_checkpoint  # noqa: E402
 from scripts.charts import axes, dashed  # noqa: E402
 from scripts.load import ClosedLoop  # noqa: E402
 from scripts.serving_api import ServerError, ServingFailure, reports_failures  # noqa: E402
