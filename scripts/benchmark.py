@@ -47,7 +47,8 @@ Ratios are stored beside the absolute figures: each cell against raw at the same
 samples per call: n_images x min(batch size, concurrency / workers)) and at the best batch, batching on against
 off, and the served default against the baseline; `targets` checks the performance issue's goals on this run.
 The 1-minute load average is recorded before and after; above 0.5 the script warns that other work is running
-and its figures are not the machine's. It prints the figures as a markdown table at the end.
+and its figures are not the machine's; it warns too when OMP_WAIT_POLICY=PASSIVE is set (threads that sleep between
+operations: half the 2-thread images/s here). It prints the figures as a markdown table at the end.
 """
 from __future__ import annotations
 
@@ -561,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     if load_before > QUIET_LOAD:
         print(f"warning: the 1-minute load average is {load_before:.2f} (over {QUIET_LOAD}): other work shares the "
               f"{cores} cores, so these figures are not the machine's; stop it and run again", file=sys.stderr)
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        print("warning: OMP_WAIT_POLICY=PASSIVE (inherited by the workers) halved the 2-thread figures on the "
+              "measured machine; unset it for the machine's figures", file=sys.stderr)
     if any(workers > cores for workers in args.workers):
         print(f"warning: more workers than the {cores} cores: each gets 1 thread and they oversubscribe the cores",
               file=sys.stderr)
