@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from generators.checkpoint import load_checkpoint
+from generators.pipelines import load_pipeline
 from tests.synthetic import CIFAR_CLASSES, tiny_checkpoint, write_npz
 from training import evaluate
 from training.classifiers import classify, load_classifier
@@ -101,3 +102,28 @@ def test_evaluate_refuses_params_it_sets_itself(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["evaluate", "--model", "gan", "--params", '{"digit": 3}'])
     with pytest.raises(SystemExit, match="--params"):
         evaluate.main()
+
+
+def test_interrupted_sampling_resumes_with_the_same_images(tmp_path, monkeypatch):
+    pipeline = load_pipeline(tiny_checkpoint(tmp_path / "diffusion", "diffusion"))
+    body = {"steps": 2}
+    whole, whole_labels = evaluate.sample(pipeline, body, "class_label", 10, 30, 2, seed=3)
+    progress = tmp_path / "progress" / "run.safetensors"
+    real_sample, calls = pipeline.sample, []
+
+    def killed_at_the_fifth_batch(params, generator):
+        calls.append(params["class_label"])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_sample(params, generator)
+
+    monkeypatch.setattr(pipeline, "sample", killed_at_the_fifth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.sample(pipeline, body, "class_label", 10, 30, 2, 3, progress)
+    monkeypatch.undo()
+    resumed_calls = []
+    monkeypatch.setattr(pipeline, "sample", lambda *args: resumed_calls.append(1) or real_sample(*args))
+    resumed, resumed_labels = evaluate.sample(pipeline, body, "class_label", 10, 30, 2, 3, progress)
+    assert len(resumed_calls) == 20 - 4  # 10 classes x batches of 2 and 1; the 4 saved ones are not drawn again
+    assert torch.equal(resumed, whole) and torch.equal(resumed_labels, whole_labels)
+    assert whole.shape == (30, 3, 32, 32) and whole_labels.tolist() == [k for k in range(10) for _ in range(3)]

@@ -20,6 +20,7 @@ table (scripts/readme_tables.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -58,6 +60,8 @@ parser.add_argument("--params", default="{}", help="JSON of sampling parameters,
 parser.add_argument("--batch-size", type=int, default=250, help="images per sampling and feature batch")
 parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the choice of real images")
 parser.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/quality.json")
+parser.add_argument("--progress-dir", type=Path, default=ROOT / "runs" / "eval_progress",
+                    help="unfinished runs' samples (git-ignored): run the same command again to resume")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -75,30 +79,50 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 # ---- images
 
 def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, num_classes: int, n: int,
-           batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+           batch_size: int, seed: int, progress_file: Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n samples as uint8 NCHW (as they would be served), n/num_classes per class when the model takes
     one; returns them with the asked classes (None for unconditional sampling).
 
     Each request is validated like a served one; only the batch size is set afterwards, as the
     serving bounds on images per request are about latency, not about what a model may produce.
+    With `progress_file`, the images so far and the random state are saved there after every batch, and a
+    run that finds the file goes on from it: an interrupted 10k-sample run resumes and draws the same images.
     """
     specs = pipeline.param_specs()
     conditional = class_param is not None and class_param in {p.name for p in specs}
     classes = list(range(num_classes)) if conditional else [None]
+    counts = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
+    batches = [(k, min(batch_size, count - start)) for k, count in zip(classes, counts)
+               for start in range(0, count, batch_size)]
     generator = torch.Generator().manual_seed(seed)
-    images, labels = [], []
-    with tqdm(total=n, desc="sampling", dynamic_ncols=True, mininterval=5) as bar:
-        for i, k in enumerate(classes):
-            count = n // len(classes) + (i < n % len(classes))
+    images, labels = torch.empty(0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    done = 0
+    if progress_file is not None and progress_file.exists():
+        saved = load_file(progress_file)
+        images, labels, done = saved["images"], saved["labels"], int(saved["batches_done"])
+        generator.set_state(saved["rng_state"])
+    with tqdm(total=n, initial=len(images), desc="sampling", dynamic_ncols=True, mininterval=5) as bar:
+        for index in range(done, len(batches)):
+            k, size = batches[index]
             params = validate(body if k is None else {**body, class_param: k}, specs)
-            for start in range(0, count, batch_size):
-                params["n_images"] = min(batch_size, count - start)
-                x = to_uint8(pipeline.sample(params, generator))
-                images.append(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
-                if k is not None:
-                    labels.append(torch.full((len(x),), k))
-                bar.update(len(x))
-    return torch.cat(images), (torch.cat(labels) if labels else None)
+            params["n_images"] = size
+            x = torch.from_numpy(to_uint8(pipeline.sample(params, generator))).permute(0, 3, 1, 2).contiguous()
+            images = x if len(images) == 0 else torch.cat([images, x])
+            labels = torch.cat([labels, torch.full((size,), -1 if k is None else k)])
+            if progress_file is not None:
+                atomic_write_bytes(progress_file, save({"images": images, "labels": labels,
+                                                        "batches_done": torch.tensor(index + 1),
+                                                        "rng_state": generator.get_state()}))
+            bar.update(size)
+    return images, (labels if conditional else None)
+
+
+def progress_path(args: argparse.Namespace, weights_sha256: str | None, body: dict[str, Any]) -> Path:
+    """Where sample() keeps an unfinished run's images: named by everything that decides them."""
+    settings = {"model": args.model, "weights": weights_sha256, "params": body, "n": args.n_samples,
+                "batch_size": args.batch_size, "seed": args.seed}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return args.progress_dir / f"{args.model}-{key}.safetensors"
 
 
 def blur(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
@@ -176,8 +200,9 @@ def main() -> None:
     if generator_training.get("data_sha256") not in (None, train.sha256):
         print(f"warning: {checkpoint} was trained on other data than {train.path}")
 
+    progress_file = progress_path(args, pipeline.config.get("weights_sha256"), body)
     images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
-                            args.batch_size, args.seed)
+                            args.batch_size, args.seed, progress_file)
     inception = load_inception(device)
     features = inception_features(inception, images, args.batch_size)
     real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
@@ -215,6 +240,7 @@ def main() -> None:
     }
     out = args.out or checkpoint / "quality.json"
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    progress_file.unlink(missing_ok=True)
     print(f"wrote {out}")
     print(markdown_table(QUALITY_HEADER, [quality_row(result, args.model)]))
 
