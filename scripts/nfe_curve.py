@@ -127,15 +127,18 @@ def settings(args: argparse.Namespace, default_guidance: float) -> list[dict[str
     return bodies
 
 
+def request_of(body: dict[str, Any]) -> dict[str, Any]:
+    """A setting's request parameters (without its reference mark)."""
+    return {k: v for k, v in body.items() if k != "reference"}
+
+
 def evaluations(pipeline, body: dict[str, Any]) -> int:
     """Network evaluations per image, as the server counts them for its per-request work bound."""
-    params = validate({k: v for k, v in body.items() if k != "reference"} | {"class_label": 0, "n_images": 1},
-                      pipeline.param_specs())
-    return pipeline.work(params)
+    return pipeline.work(validate(request_of(body) | {"class_label": 0, "n_images": 1}, pipeline.param_specs()))
 
 
 def measure(pipeline, body: dict[str, Any], args, inception, real_features, classifier) -> dict[str, Any]:
-    request = {k: v for k, v in body.items() if k != "reference"}
+    request = request_of(body)
     started = time.monotonic()
     images, labels = sample(pipeline, request, "class_label", len(pipeline.class_names), args.n_samples,
                             args.batch_size, args.seed)
@@ -184,12 +187,12 @@ def grid_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def curve_table(result: dict[str, Any], figure: str = "kid") -> str:
     """One row per guidance scale and series value, one column per cost-axis value (the reference in one cell):
     KID (FID), or with figure="colour" the clipped fraction (pixel std)."""
-    cell, series, x = CELLS[figure], result["series"], result["x"]
-    xs = sorted({r[x] for r in grid_rows(result)})
+    cell, series, x, grid = CELLS[figure], result["series"], result["x"], grid_rows(result)
+    xs = sorted({r[x] for r in grid})
     rows = []
     for scale in sorted({r["guidance_scale"] for r in result["results"]}, reverse=True):
-        for value in dict.fromkeys(r[series] for r in grid_rows(result)):
-            found = {r[x]: r for r in grid_rows(result) if r[series] == value and r["guidance_scale"] == scale}
+        for value in dict.fromkeys(r[series] for r in grid):
+            found = {r[x]: r for r in grid if r[series] == value and r["guidance_scale"] == scale}
             if found:
                 rows.append([scale_label(scale), series_label(series, value)]
                             + [cell(found[n]) if n in found else "—" for n in xs])
@@ -212,8 +215,9 @@ def plot(result: dict[str, Any]) -> bytes:
     image = Image.new("RGB", (WIDTH * len(scales), HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
-    xs = sorted({r[x] for r in grid_rows(result)}) or [1]
-    values = list(dict.fromkeys(r[series] for r in grid_rows(result)))
+    grid = grid_rows(result)
+    xs = sorted({r[x] for r in grid}) or [1]
+    values = list(dict.fromkeys(r[series] for r in grid))
     top = max([r["kid"] for r in result["results"]] + [1e-6]) * 1.1
     for index, scale in enumerate(scales):
         left = index * WIDTH
@@ -230,7 +234,7 @@ def plot(result: dict[str, Any]) -> bytes:
                   fill="black", font=font)
         legend_y = 28
         for number, value in enumerate(values):
-            rows = sorted((r for r in grid_rows(result) if r[series] == value and r["guidance_scale"] == scale),
+            rows = sorted((r for r in grid if r[series] == value and r["guidance_scale"] == scale),
                           key=lambda r: r[x])
             if not rows:
                 continue

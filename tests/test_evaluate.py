@@ -108,7 +108,7 @@ def test_interrupted_sampling_resumes_with_the_same_images(tmp_path, monkeypatch
     pipeline = load_pipeline(tiny_checkpoint(tmp_path / "diffusion", "diffusion"))
     body = {"steps": 2}
     whole, whole_labels = evaluate.sample(pipeline, body, "class_label", 10, 30, 2, seed=3)
-    progress = tmp_path / "progress" / "run.safetensors"
+    progress = tmp_path / "progress" / "run"
     real_sample, calls = pipeline.sample, []
 
     def killed_at_the_fifth_batch(params, generator):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ parser.add_argument("--batch-size", type=int, default=250, help="images per samp
 parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the choice of real images")
 parser.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/quality.json")
 parser.add_argument("--progress-dir", type=Path, default=ROOT / "runs" / "eval_progress",
-                    help="unfinished runs' samples (git-ignored): run the same command again to resume")
+                    help="unfinished runs' batches (git-ignored): run the same command again to resume")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -78,15 +79,18 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 # ---- images
 
+PROGRESS_STATE = "state.safetensors"  # in a progress directory: batches done and the random state after them
+
+
 def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, num_classes: int, n: int,
-           batch_size: int, seed: int, progress_file: Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           batch_size: int, seed: int, progress_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n samples as uint8 NCHW (as they would be served), n/num_classes per class when the model takes
     one; returns them with the asked classes (None for unconditional sampling).
 
     Each request is validated like a served one; only the batch size is set afterwards, as the
     serving bounds on images per request are about latency, not about what a model may produce.
-    With `progress_file`, the images so far and the random state are saved there after every batch, and a
-    run that finds the file goes on from it: an interrupted 10k-sample run resumes and draws the same images.
+    With `progress_dir`, each batch is saved there as it is drawn, with the random state after it, and a run
+    that finds them goes on from there: an interrupted 10k-sample run resumes and draws the same images.
     """
     specs = pipeline.param_specs()
     conditional = class_param is not None and class_param in {p.name for p in specs}
@@ -95,34 +99,34 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
     batches = [(k, min(batch_size, count - start)) for k, count in zip(classes, counts)
                for start in range(0, count, batch_size)]
     generator = torch.Generator().manual_seed(seed)
-    images, labels = torch.empty(0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    done = 0
-    if progress_file is not None and progress_file.exists():
-        saved = load_file(progress_file)
-        images, labels, done = saved["images"], saved["labels"], int(saved["batches_done"])
-        generator.set_state(saved["rng_state"])
-    with tqdm(total=n, initial=len(images), desc="sampling", dynamic_ncols=True, mininterval=5) as bar:
-        for index in range(done, len(batches)):
+    saved: list[dict[str, torch.Tensor]] = []
+    if progress_dir is not None and (progress_dir / PROGRESS_STATE).exists():
+        state = load_file(progress_dir / PROGRESS_STATE)
+        saved = [load_file(progress_dir / f"batch-{i:05d}.safetensors") for i in range(int(state["batches_done"]))]
+        generator.set_state(state["rng_state"])
+    with tqdm(total=n, initial=sum(len(b["images"]) for b in saved), desc="sampling", dynamic_ncols=True,
+              mininterval=5) as bar:
+        for index in range(len(saved), len(batches)):
             k, size = batches[index]
             params = validate(body if k is None else {**body, class_param: k}, specs)
             params["n_images"] = size
             x = torch.from_numpy(to_uint8(pipeline.sample(params, generator))).permute(0, 3, 1, 2).contiguous()
-            images = x if len(images) == 0 else torch.cat([images, x])
-            labels = torch.cat([labels, torch.full((size,), -1 if k is None else k)])
-            if progress_file is not None:
-                atomic_write_bytes(progress_file, save({"images": images, "labels": labels,
-                                                        "batches_done": torch.tensor(index + 1),
-                                                        "rng_state": generator.get_state()}))
+            saved.append({"images": x} if k is None else {"images": x, "labels": torch.full((size,), k)})
+            if progress_dir is not None:
+                atomic_write_bytes(progress_dir / f"batch-{index:05d}.safetensors", save(saved[-1]))
+                atomic_write_bytes(progress_dir / PROGRESS_STATE, save({"batches_done": torch.tensor(index + 1),
+                                                                        "rng_state": generator.get_state()}))
             bar.update(size)
-    return images, (labels if conditional else None)
+    images = torch.cat([b["images"] for b in saved])
+    return images, (torch.cat([b["labels"] for b in saved]) if conditional else None)
 
 
 def progress_path(args: argparse.Namespace, weights_sha256: str | None, body: dict[str, Any]) -> Path:
-    """Where sample() keeps an unfinished run's images: named by everything that decides them."""
+    """Where sample() keeps an unfinished run's batches: named by everything that decides them."""
     settings = {"model": args.model, "weights": weights_sha256, "params": body, "n": args.n_samples,
                 "batch_size": args.batch_size, "seed": args.seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return args.progress_dir / f"{args.model}-{key}.safetensors"
+    return args.progress_dir / f"{args.model}-{key}"
 
 
 def blur(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
@@ -200,9 +204,9 @@ def main() -> None:
     if generator_training.get("data_sha256") not in (None, train.sha256):
         print(f"warning: {checkpoint} was trained on other data than {train.path}")
 
-    progress_file = progress_path(args, pipeline.config.get("weights_sha256"), body)
+    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), body)
     images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
-                            args.batch_size, args.seed, progress_file)
+                            args.batch_size, args.seed, progress_dir)
     inception = load_inception(device)
     features = inception_features(inception, images, args.batch_size)
     real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
@@ -240,7 +244,7 @@ def main() -> None:
     }
     out = args.out or checkpoint / "quality.json"
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
-    progress_file.unlink(missing_ok=True)
+    shutil.rmtree(progress_dir, ignore_errors=True)
     print(f"wrote {out}")
     print(markdown_table(QUALITY_HEADER, [quality_row(result, args.model)]))
 
