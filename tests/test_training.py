@@ -1,5 +1,6 @@
 """Smoke tests of the training scripts on synthetic data: they train, export a servable checkpoint, and resume."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,18 @@ def test_diffusion_lr_cools_down_linearly_before_max_steps(tmp_path):
     train("diffusion", tmp_path, "--max-steps", "4", "--cooldown-steps", "4", "--warmup-steps", "1", "--lr", "0.1")
     records = [json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["lr"]) for r in records if "lr" in r] == [(1, 0.1), (2, 0.075), (3, 0.05), (4, 0.025)]
+
+
+def test_a_warm_start_warms_the_fresh_optimizer_up_again(tmp_path):
+    """Without training state, --resume starts from the served weights with a new optimizer: its first updates
+    get the warm-up, not the full lr at once; a later full resume keeps counting from the warm start."""
+    train("diffusion", tmp_path, "--max-steps", "2", "--warmup-steps", "1", "--lr", "0.1")
+    shutil.rmtree(tmp_path / "state")
+    train("diffusion", tmp_path, "--resume", "--max-steps", "4", "--warmup-steps", "4", "--lr", "0.1")
+    train("diffusion", tmp_path, "--resume", "--max-steps", "6", "--warmup-steps", "4", "--lr", "0.1")
+    records = [json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in records if "lr" in r] == [
+        (3, 0.025), (4, 0.05), (5, 0.075), (6, 0.1)]
 
 
 def test_diffusion_cooldown_without_max_steps_is_refused(tmp_path):

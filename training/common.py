@@ -87,6 +87,7 @@ class TrainingRun:
         self.state_dir: Path = args.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0
+        self.optimizer_start = 0  # the step this run's optimizer state began at (a warm start's step)
         self.started = time.monotonic()
         self.generator = torch.Generator().manual_seed(args.seed)
         self._bar: tqdm | None = None
@@ -103,7 +104,7 @@ class TrainingRun:
     # ---- state
     def save_state(self) -> None:
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        state.update(step=self.step, torch_rng=torch.get_rng_state(), data_rng=self.generator.get_state())
+        state.update(step=self.step, optimizer_start=self.optimizer_start, torch_rng=torch.get_rng_state(), data_rng=self.generator.get_state())
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         buffer = io.BytesIO()
@@ -119,6 +120,7 @@ class TrainingRun:
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
         self.step = int(state["step"])
+        self.optimizer_start = int(state.get("optimizer_start", 0))
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["data_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -135,7 +137,7 @@ class TrainingRun:
         weights, config = load_checkpoint(served_dir)
         for module in served_modules:
             module.load_state_dict(weights)
-        self.step = int(config["training"]["steps"])
+        self.step = self.optimizer_start = int(config["training"]["steps"])
         self._last_step = self.step
         print(f"no training state in {self.state_dir}: warm start from {served_dir} at step {self.step}")
         return True
@@ -192,7 +194,11 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    return pick_device(args.device)
+    device = pick_device(args.device)
+    if device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest kernels; TF32 matmuls as for convs
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float | None) -> float:

@@ -61,10 +61,11 @@ def held_out_batch(data: Path, n_images: int, diffusion: GaussianDiffusion,
     return {"x0": x0.to(device), "labels": labels.to(device), "t": t.to(device), "noise": noise.to(device)}
 
 
-def learning_rate(args: argparse.Namespace, step: int) -> float:
-    """The lr of update `step` (0-based): linear warm-up, constant, then an optional linear cooldown before
+def learning_rate(args: argparse.Namespace, step: int, optimizer_start: int = 0) -> float:
+    """The lr of update `step` (0-based): linear warm-up from `optimizer_start` (where a fresh optimizer began,
+    also after a warm start from served weights), constant, then an optional linear cooldown before
     --max-steps. Decaying only at the end lets a run be extended session by session and still end annealed."""
-    factor = min(1.0, (step + 1) / args.warmup_steps)
+    factor = min(1.0, (step + 1 - optimizer_start) / args.warmup_steps)
     if args.cooldown_steps:
         factor = min(factor, (args.max_steps - step) / args.cooldown_steps)
     return args.lr * factor
@@ -85,7 +86,7 @@ def train_denoiser(args: argparse.Namespace, model: nn.Module, ema: EMA, optimiz
         x, labels = x.to(device), labels.to(device)
         drop = torch.rand(len(labels), generator=run.generator).to(device) < args.label_dropout
         labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
-        lr = learning_rate(args, run.step)
+        lr = learning_rate(args, run.step, run.optimizer_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = diffusion.training_loss(forward, x, labels)
