@@ -19,6 +19,9 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep guidance-1 '{"steps": 20, "guidance_scale": 1}'
   sweep guidance-2 '{"steps": 20, "guidance_scale": 2}'
   # guidance 3 (the served default, chosen from this sweep) is the served row below
+  # (the rows above: on the step-19000 weights; the two below: on the current ones, DPM++2M 20 steps)
+  $EVAL --model diffusion --n-samples 500 --out docs/quality/diffusion-served-default-at-500.json
+  $EVAL --model diffusion --n-samples 500 --params '{"guidance_scale": 2}' --out docs/quality/diffusion-guidance-2.json
   sweep guidance-4-interval '{"steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
   sweep guidance-4-rescale '{"steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
 fi
@@ -26,7 +29,7 @@ if [[ $part == all || $part == nfe ]]; then
   $PY scripts/nfe_curve.py   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM, N = 300 each
 fi
 if [[ $part == all || $part == served ]]; then
-  $EVAL --model diffusion --n-samples 500   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part), same N as the sweeps
+  $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part); ~70 min
   $EVAL --model ebm --n-samples 250   # about 1.25 s per guided sample on 2 cores: read its KID
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
   $PY -m training.ebm_ood --n 500
