@@ -30,7 +30,8 @@ if [[ $part == all || $part == nfe ]]; then
 fi
 if [[ $part == all || $part == served ]]; then
   $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part); ~70 min
-  $EVAL --model ebm --n-samples 250   # about 1.25 s per guided sample on 2 cores: read its KID
+  $EVAL --model ebm --n-samples 250   # about 1 s per guided sample on 2 cores: read its KID
+  $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
   $PY -m training.ebm_ood --n 500
 fi
