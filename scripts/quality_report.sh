@@ -14,22 +14,21 @@ if [[ $part == all || $part == references ]]; then
   $PY -m training.fid_references --n 1000 --test-sizes 1000
 fi
 if [[ $part == all || $part == sweeps ]]; then
-  # diffusion guidance settings at N = 500, DDIM 20 steps (KID is unbiased at this N; FID only compares at equal N)
+  # diffusion guidance settings at N = 500 (KID is unbiased at this N; FID only compares at equal N): DDIM 20 steps,
+  # then the served sampler (DPM++2M 20 steps). The committed DDIM rows date from the step-19000 weights.
   sweep() { $EVAL --model diffusion --n-samples 500 --params "$2" --out "docs/quality/diffusion-sweep-$1.json"; }
-  sweep guidance-1 '{"steps": 20, "guidance_scale": 1}'
-  sweep guidance-2 '{"steps": 20, "guidance_scale": 2}'
-  # guidance 3 (the served default, chosen from this sweep) is the served row below
-  # (the rows above: on the step-19000 weights; the two below: on the current ones, DPM++2M 20 steps)
-  $EVAL --model diffusion --n-samples 500 --out docs/quality/diffusion-served-default-at-500.json
-  $EVAL --model diffusion --n-samples 500 --params '{"guidance_scale": 2}' --out docs/quality/diffusion-guidance-2.json
-  sweep guidance-4-interval '{"steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
-  sweep guidance-4-rescale '{"steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
+  sweep guidance-1 '{"sampler": "ddim", "steps": 20, "guidance_scale": 1}'
+  sweep guidance-2 '{"sampler": "ddim", "steps": 20, "guidance_scale": 2}'
+  sweep guidance-4-interval '{"sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep guidance-4-rescale '{"sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
+  sweep dpm-guidance-3 '{}'   # the served default (its row below is at N = 10,000)
+  sweep dpm-guidance-2 '{"guidance_scale": 2}'
 fi
 if [[ $part == all || $part == nfe ]]; then
   $PY scripts/nfe_curve.py   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM, N = 300 each
 fi
 if [[ $part == all || $part == served ]]; then
-  $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part); ~70 min
+  $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part); ~75 min
   $EVAL --model ebm --n-samples 250   # about 1 s per guided sample on 2 cores: read its KID
   $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets

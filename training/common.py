@@ -104,7 +104,8 @@ class TrainingRun:
     # ---- state
     def save_state(self) -> None:
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        state.update(step=self.step, optimizer_start=self.optimizer_start, torch_rng=torch.get_rng_state(), data_rng=self.generator.get_state())
+        state.update(step=self.step, optimizer_start=self.optimizer_start, torch_rng=torch.get_rng_state(),
+                     data_rng=self.generator.get_state())
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         buffer = io.BytesIO()

@@ -59,7 +59,7 @@ parser.add_argument("--reference-size", type=int, default=10000, help="training 
 parser.add_argument("--fid-cache", type=Path, default=CACHE_DIR, help="where real-image Inception features are kept")
 parser.add_argument("--params", default="{}", help="JSON of sampling parameters, as a request would give them")
 parser.add_argument("--batch-size", type=int, default=50,
-                    help="images per sampling and feature batch (on 2 cores 50 samples 1.35x faster than 250)")
+                    help="images per sampling and feature batch (on a 2-core CPU, larger batches sample slower per image)")
 parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the choice of real images")
 parser.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/quality.json")
 parser.add_argument("--progress-dir", type=Path, default=ROOT / "runs" / "eval_progress",
