@@ -122,3 +122,27 @@ def test_held_out_loss_of_a_checkpoint_is_the_one_training_logged(tmp_path):
     assert measured["steps"] == 2
     assert measured["val_loss"] == logged["val_loss"]
     assert measured["val_loss_unconditional"] == logged["val_loss_unconditional"]
+
+
+def test_gan_export_re_estimates_batchnorm_statistics_on_the_generators_own_outputs():
+    from generators.gan import GANConfig, Generator
+    from training.train_gan import standing_statistics
+
+    torch.manual_seed(0)
+    generator = Generator(GANConfig(z_dim=8, g_channels=16)).eval()
+    first_norm = generator.fc[1]
+    first_norm.running_mean.fill_(5.0)  # what an EMA copy holds: statistics of other weights
+    calibrated = standing_statistics(generator, batches=3, batch_size=32, seed=1)
+
+    rng = torch.Generator().manual_seed(1)  # the same codes and digits, drawn the same way
+    pre_norm = []
+    for _ in range(3):
+        z = torch.randn(32, 8, generator=rng)
+        labels = torch.randint(0, 10, (32,), generator=rng)
+        with torch.no_grad():
+            pre_norm.append(generator.fc[0](torch.cat([z, generator.label_emb(labels)], dim=1)))
+    expected_mean = torch.cat(pre_norm).mean(0)
+    assert torch.allclose(calibrated.fc[1].running_mean, expected_mean, atol=1e-5)
+    assert not calibrated.training and calibrated.fc[1].momentum == first_norm.momentum
+    assert torch.all(first_norm.running_mean == 5.0)  # the EMA itself is left as it was
+    assert all(torch.equal(a, b) for a, b in zip(calibrated.parameters(), generator.parameters()))

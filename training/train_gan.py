@@ -2,9 +2,14 @@
 
     python -m training.train_gan --max-minutes 30 --resume
 
-Writes full training state to --state-dir and the served (EMA) generator to --out.
+Writes full training state to --state-dir and the served (EMA) generator to --out. The served generator's
+BatchNorm statistics are re-estimated on its own outputs at every export: the EMA copies the running statistics
+of the live generator, whose weights differ from the averaged ones, and in eval mode that mismatch alone turned
+digits into other digits (digit 6 at 0.01 accuracy; 1.0 after re-estimation).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +25,33 @@ parser.add_argument("--z-dim", type=int, default=64)
 parser.add_argument("--g-channels", type=int, default=64)
 parser.add_argument("--d-channels", type=int, default=64)
 parser.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], help="Adam betas for G and D")
+parser.add_argument("--bn-batches", type=int, default=50,
+                    help="batches of --batch-size random codes that re-estimate the served generator's BatchNorm "
+                         "statistics at export")
 parser.add_argument("--d-warmup-steps", type=int, default=1000,
                     help="after a warm start (no training state), updates of the fresh discriminator alone before "
                          "the generator trains again: against an untrained D the generator's samples degrade")
+
+
+@torch.no_grad()
+def standing_statistics(generator: Generator, batches: int, batch_size: int, seed: int = 0) -> Generator:
+    """A copy of `generator` whose BatchNorm running statistics are the plain average over `batches` batches of its
+    own activations (random codes and digits drawn from `seed`), so eval mode matches these weights."""
+    calibrated = copy.deepcopy(generator)
+    norms = [m for m in calibrated.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    device = next(generator.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    calibrated.train()
+    for _ in range(batches):
+        z = torch.randn(batch_size, generator.config.z_dim, generator=rng).to(device)
+        calibrated(z, torch.randint(0, generator.config.num_classes, (batch_size,), generator=rng).to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return calibrated.eval()
 
 
 def main() -> None:
@@ -43,8 +72,9 @@ def main() -> None:
     def export() -> None:
         run.save_state()
         served = stamp({"model_type": "gan", "gan": config.to_dict(), "class_names": data.class_names}, run,
-                       data.sha256, ema_decay=args.ema_decay, epochs=round(run.step * args.batch_size / len(data), 2))
-        save_checkpoint(args.out, ema.state_dict(), served)
+                       data.sha256, ema_decay=args.ema_decay, bn_batches=args.bn_batches, epochs=round(run.step * args.batch_size / len(data), 2))
+        calibrated = standing_statistics(ema.model, args.bn_batches, args.batch_size, args.seed)
+        save_checkpoint(args.out, calibrated.state_dict(), served)
 
     fixed_z = torch.randn((80, config.z_dim), generator=torch.Generator().manual_seed(0)).to(device)
     fixed_labels = (torch.arange(80) % config.num_classes).to(device)
@@ -78,7 +108,8 @@ def main() -> None:
             export()
         if run.due(args.sample_every):
             with torch.no_grad():
-                print(f"samples: {run.save_samples(ema.model(fixed_z, fixed_labels))}")
+                calibrated = standing_statistics(ema.model, args.bn_batches, args.batch_size, args.seed)
+                print(f"samples: {run.save_samples(calibrated(fixed_z, fixed_labels))}")
     export()
     run.close()
     print(f"saved {args.out} at step {run.step}")
