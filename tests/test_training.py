@@ -85,8 +85,9 @@ def test_diffusion_logs_a_held_out_loss_that_is_the_same_for_the_same_weights(tm
     assert val[0]["val_loss"] == val[1]["val_loss"]
 
 
-def test_diffusion_lr_cools_down_linearly_before_max_steps(tmp_path):
-    train("diffusion", tmp_path, "--max-steps", "4", "--cooldown-steps", "4", "--warmup-steps", "1", "--lr", "0.1")
+@pytest.mark.parametrize("model", ["diffusion", "gan"])
+def test_lr_cools_down_linearly_before_max_steps(model, tmp_path):
+    train(model, tmp_path, "--max-steps", "4", "--cooldown-steps", "4", "--warmup-steps", "1", "--lr", "0.1")
     records = [json.loads(line) for line in (tmp_path / "state" / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["lr"]) for r in records if "lr" in r] == [(1, 0.1), (2, 0.075), (3, 0.05), (4, 0.025)]
 
@@ -103,9 +104,10 @@ def test_a_warm_start_warms_the_fresh_optimizer_up_again(tmp_path):
         (3, 0.025), (4, 0.05), (5, 0.075), (6, 0.1)]
 
 
-def test_diffusion_cooldown_without_max_steps_is_refused(tmp_path):
-    flags, _ = SCRIPTS["diffusion"]
-    result = subprocess.run([sys.executable, "-m", "training.train_diffusion", "--cooldown-steps", "10", *flags],
+@pytest.mark.parametrize("model", sorted(SCRIPTS))
+def test_cooldown_without_max_steps_is_refused(model, tmp_path):
+    flags, _ = SCRIPTS[model]
+    result = subprocess.run([sys.executable, "-m", f"training.train_{model}", "--cooldown-steps", "10", *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--cooldown-steps needs --max-steps" in result.stderr
 

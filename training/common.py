@@ -20,11 +20,21 @@ from generators.imaging import save_grid
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class TrainingParser(argparse.ArgumentParser):
+    """Refuses option combinations that cannot work, before any data is loaded."""
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(*args, **kwargs)
+        if parsed.cooldown_steps and parsed.max_steps is None:
+            self.error("--cooldown-steps needs --max-steps (the step the lr reaches 0 at)")
+        return parsed
+
+
 def base_parser(description: str, model: str, dataset: str, **defaults: Any) -> argparse.ArgumentParser:
     """Options every training script takes; `defaults` overrides per-script values."""
     from training.data import DEFAULT_PATHS
 
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = TrainingParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_PATHS[dataset], help="Keras-layout .npz archive")
     p.add_argument("--out", type=Path, default=ROOT / "checkpoints" / model, help="served checkpoint directory")
     p.add_argument("--state-dir", type=Path, default=ROOT / "runs" / model,
@@ -35,6 +45,11 @@ def base_parser(description: str, model: str, dataset: str, **defaults: Any) -> 
     p.add_argument("--max-steps", type=int, default=None, help="stop at this total step count")
     p.add_argument("--batch-size", type=int, default=defaults.pop("batch_size", 64))
     p.add_argument("--lr", type=float, default=defaults.pop("lr", 2e-4))
+    p.add_argument("--warmup-steps", type=int, default=defaults.pop("warmup_steps", 0),
+                   help="linear lr warm-up from where the optimizer started (also after a warm start); 0: none")
+    p.add_argument("--cooldown-steps", type=int, default=0,
+                   help="with --max-steps: decay the lr linearly to 0 over this many last steps (a run resumed "
+                        "later with a higher --max-steps goes back to the full lr)")
     p.add_argument("--ema-decay", type=float, default=defaults.pop("ema_decay", 0.999))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -208,6 +223,22 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torc
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
     optimizer.step()
     return float(norm)
+
+
+def learning_rate(args: argparse.Namespace, step: int, optimizer_start: int = 0) -> float:
+    """The lr of update `step` (0-based): linear warm-up from `optimizer_start` (where a fresh optimizer began,
+    also after a warm start from served weights), constant, then an optional linear cooldown before
+    --max-steps. Decaying only at the end lets a run be extended session by session and still end annealed."""
+    factor = min(1.0, (step + 1 - optimizer_start) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.cooldown_steps:
+        factor = min(factor, (args.max_steps - step) / args.cooldown_steps)
+    return args.lr * factor
+
+
+def set_learning_rate(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
 def stamp(config: dict, run: TrainingRun, data_sha256: str, **extra: Any) -> dict:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from training.common import EMA, TrainingRun, clip_and_step
+from training.common import EMA, TrainingRun, clip_and_step, learning_rate, set_learning_rate
 from training.data import ImageDataset
 from generators.gaussian_diffusion import GaussianDiffusion
 
@@ -27,10 +27,6 @@ def add_denoising_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-dropout", type=float, default=0.1, help="fraction of labels replaced by 'no class'")
     parser.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
     parser.add_argument("--min-snr-gamma", type=float, default=5.0)
-    parser.add_argument("--warmup-steps", type=int, default=500)
-    parser.add_argument("--cooldown-steps", type=int, default=0,
-                        help="with --max-steps: decay the lr linearly to 0 over this many last steps (a run resumed "
-                             "later with a higher --max-steps goes back to the full lr)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--val-every", type=int, default=1000,
                         help="log the EMA model's noise-prediction MSE on fixed held-out test images this often")
@@ -61,16 +57,6 @@ def held_out_batch(data: Path, n_images: int, diffusion: GaussianDiffusion,
     return {"x0": x0.to(device), "labels": labels.to(device), "t": t.to(device), "noise": noise.to(device)}
 
 
-def learning_rate(args: argparse.Namespace, step: int, optimizer_start: int = 0) -> float:
-    """The lr of update `step` (0-based): linear warm-up from `optimizer_start` (where a fresh optimizer began,
-    also after a warm start from served weights), constant, then an optional linear cooldown before
-    --max-steps. Decaying only at the end lets a run be extended session by session and still end annealed."""
-    factor = min(1.0, (step + 1 - optimizer_start) / args.warmup_steps)
-    if args.cooldown_steps:
-        factor = min(factor, (args.max_steps - step) / args.cooldown_steps)
-    return args.lr * factor
-
-
 def train_denoiser(args: argparse.Namespace, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
                    run: TrainingRun, diffusion: GaussianDiffusion, data: ImageDataset, device: torch.device,
                    export: Callable[[], None], sample: Callable[[nn.Module, torch.Tensor], torch.Tensor],
@@ -87,8 +73,7 @@ def train_denoiser(args: argparse.Namespace, model: nn.Module, ema: EMA, optimiz
         drop = torch.rand(len(labels), generator=run.generator).to(device) < args.label_dropout
         labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
         lr = learning_rate(args, run.step, run.optimizer_start)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate([optimizer], lr)
         loss = diffusion.training_loss(forward, x, labels)
         grad_norm = clip_and_step(model, optimizer, loss, args.grad_clip)
         ema.update(model, run.step)

@@ -122,9 +122,10 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
     return images, (torch.cat([b["labels"] for b in saved]) if conditional else None)
 
 
-def progress_path(args: argparse.Namespace, weights_sha256: str | None, body: dict[str, Any]) -> Path:
-    """Where sample() keeps an unfinished run's batches: named by everything that decides them."""
-    settings = {"model": args.model, "weights": weights_sha256, "params": body, "n": args.n_samples,
+def progress_path(args: argparse.Namespace, weights_sha256: str | None, params: dict[str, Any]) -> Path:
+    """Where sample() keeps an unfinished run's batches: named by everything that decides them (`params` with the
+    checkpoint's defaults filled in, so a changed default starts afresh)."""
+    settings = {"model": args.model, "weights": weights_sha256, "params": params, "n": args.n_samples,
                 "batch_size": args.batch_size, "seed": args.seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return args.progress_dir / f"{args.model}-{key}"
@@ -205,7 +206,8 @@ def main() -> None:
     if generator_training.get("data_sha256") not in (None, train.sha256):
         print(f"warning: {checkpoint} was trained on other data than {train.path}")
 
-    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), body)
+    sampling_params = {k: v for k, v in validate(body, pipeline.param_specs()).items() if k not in RESERVED}
+    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), sampling_params)
     images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
                             args.batch_size, args.seed, progress_dir)
     inception = load_inception(device)
@@ -233,8 +235,7 @@ def main() -> None:
                                                                              classifier.config.num_classes),
         "fid_m": fid_m,
         "seed": args.seed,
-        "sampling_params": {k: v for k, v in validate(body, pipeline.param_specs()).items()
-                            if k not in RESERVED},
+        "sampling_params": sampling_params,
         "generator": {"checkpoint": str(checkpoint), "steps": generator_training.get("steps"),
                       "weights_sha256": pipeline.config.get("weights_sha256")},
         "classifier": {"dataset": dataset, "test_accuracy": classifier_config.get("test_accuracy"),

@@ -18,14 +18,14 @@ from training.common import EMA, TrainingRun, base_parser, setup, stamp
 from training.data import ImageDataset
 from training.denoising import add_denoising_options, train_denoiser
 
-parser = base_parser(__doc__, "diffusion", "cifar10", batch_size=64, lr=5e-4, ema_decay=0.999)
+parser = base_parser(__doc__, "diffusion", "cifar10", batch_size=64, lr=5e-4, ema_decay=0.999, warmup_steps=500)
 add_denoising_options(parser)
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward pass (compiling takes minutes on a CPU)")
 parser.add_argument("--serve-sampler", default="dpm++2m",
                     help="sampler default written to the served config (chosen by scripts/nfe_curve.py)")
 parser.add_argument("--serve-steps", type=int, default=20)
-parser.add_argument("--serve-guidance", type=float, default=3.0)
+parser.add_argument("--serve-guidance", type=float, default=3.5)
 
 
 def unet_config_from_args(args, data: ImageDataset) -> UNetConfig:
@@ -37,8 +37,6 @@ def unet_config_from_args(args, data: ImageDataset) -> UNetConfig:
 
 def main() -> None:
     args = parser.parse_args()
-    if args.cooldown_steps and args.max_steps is None:
-        parser.error("--cooldown-steps needs --max-steps (the step the lr reaches 0 at)")
     device = setup(args)
     data = ImageDataset(args.data)
     unet_config = unet_config_from_args(args, data)

@@ -25,8 +25,8 @@ from training.data import ImageDataset
 from training.denoising import add_denoising_options, train_denoiser
 from training.train_diffusion import unet_config_from_args
 
-parser = base_parser(__doc__, "ebm", "cifar10", batch_size=64, lr=2e-4, ema_decay=0.999, sample_every=500,
-                     save_every=100)
+parser = base_parser(__doc__, "ebm", "cifar10", batch_size=64, lr=2e-4, ema_decay=0.999, warmup_steps=500,
+                     sample_every=500, save_every=100)
 add_denoising_options(parser)
 parser.add_argument("--sigma-data", type=float, default=0.5, help="data std in the energy's preconditioning")
 parser.add_argument("--init-from", type=Path, default=None,
@@ -51,8 +51,6 @@ def warm_start(model: EnergyModel, diffusion_dir: Path) -> None:
 
 def main() -> None:
     args = parser.parse_args()
-    if args.cooldown_steps and args.max_steps is None:
-        parser.error("--cooldown-steps needs --max-steps (the step the lr reaches 0 at)")
     torch.set_flush_denormal(True)  # denormals in the double backward cost more than they are worth
     device = setup(args)
     data = ImageDataset(args.data)

@@ -17,7 +17,7 @@ from tqdm import trange
 
 from generators.checkpoint import save_checkpoint
 from generators.gan import Discriminator, GANConfig, Generator
-from training.common import EMA, TrainingRun, base_parser, setup, stamp
+from training.common import EMA, TrainingRun, base_parser, learning_rate, set_learning_rate, setup, stamp
 from training.data import ImageDataset
 
 parser = base_parser(__doc__, "gan", "mnist", batch_size=128, lr=2e-4, ema_decay=0.999, sample_every=500)
@@ -96,6 +96,8 @@ def main() -> None:
         for _ in trange(args.d_warmup_steps, desc="discriminator warm-up", mininterval=5):
             fake_and_d_update()
     while not run.done():
+        lr = learning_rate(args, run.step, run.optimizer_start)
+        set_learning_rate([opt_g, opt_d], lr)
         fake, labels, d_loss = fake_and_d_update()
         g_loss = -disc(fake, labels).mean()
         opt_g.zero_grad(set_to_none=True)
@@ -103,7 +105,7 @@ def main() -> None:
         opt_g.step()
         ema.update(gen, run.step)
 
-        run.progress(d_loss=d_loss.item(), g_loss=g_loss.item())
+        run.progress(d_loss=d_loss.item(), g_loss=g_loss.item(), lr=lr)
         if run.due(args.save_every):
             export()
         if run.due(args.sample_every):
