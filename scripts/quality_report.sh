@@ -21,14 +21,16 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep guidance-2 '{"sampler": "ddim", "steps": 20, "guidance_scale": 2}'
   sweep guidance-4-interval '{"sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
   sweep guidance-4-rescale '{"sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
-  sweep dpm-guidance-3 '{}'   # the served default (its row below is at N = 10,000)
+  sweep dpm-guidance-3.5 '{}'   # the served default (its row below is at N = 10,000)
+  sweep dpm-guidance-4 '{"guidance_scale": 4}'
+  sweep dpm-guidance-3 '{"guidance_scale": 3}'
   sweep dpm-guidance-2 '{"guidance_scale": 2}'
 fi
 if [[ $part == all || $part == nfe ]]; then
   $PY scripts/nfe_curve.py   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM, N = 300 each
 fi
 if [[ $part == all || $part == served ]]; then
-  $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps, guidance 3 (chosen from the nfe part); ~75 min
+  $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps (chosen from the nfe part), guidance 3.5 (from the sweeps); ~75 min
   $EVAL --model ebm --n-samples 250   # about 1 s per guided sample on 2 cores: read its KID
   $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets

@@ -91,6 +91,7 @@ def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
     assert set(report["real_pixels"]) == {"pixel_std", "clipped_fraction"}
     assert 0.0 <= report["class_accuracy"] <= 1.0 and len(report["per_class_accuracy"]) == 10
     assert (report["fid_m"] is not None) == (dataset == "mnist")
+    assert 0 <= report["within_class_spread"] <= 1 and 0 < report["real_within_class_spread"] <= 1
     _, config = load_checkpoint(checkpoint)
     assert report["generator"] == {"checkpoint": str(checkpoint), "steps": 0, "weights_sha256": config["weights_sha256"]}
     assert report["classifier"]["dataset"] == dataset and report["machine"]["cpu_count"] >= 1

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from training.fid import (INCEPTION_SHA256, frechet_distance, inception_features, inception_path,
-                          kernel_inception_distance, load_inception, pixel_statistics, preprocess, resize_299)
+                          kernel_inception_distance, load_inception, pixel_statistics, preprocess, resize_299,
+                          within_class_spread)
 
 
 def bilinear_tf_legacy(image: np.ndarray, size: int) -> np.ndarray:
@@ -80,3 +81,10 @@ def test_pixel_statistics_see_flat_and_clipped_images():
     half_clipped = flat.clone()
     half_clipped[:, 1, :2] = 255  # one channel saturated in half the pixels
     assert pixel_statistics(half_clipped)["clipped_fraction"] == 0.5
+
+
+def test_within_class_spread_is_zero_for_one_image_per_class_and_ignores_other_classes():
+    black, white = torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.full((1, 1, 4, 4), 255, dtype=torch.uint8)
+    copies = torch.cat([black, black, white, white])
+    assert within_class_spread(copies, torch.tensor([0, 0, 1, 1])) == 0.0  # black and white apart, but per class
+    assert within_class_spread(copies, torch.tensor([0, 1, 0, 1])) == 1.0  # black against white in each class

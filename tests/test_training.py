@@ -148,3 +148,14 @@ def test_gan_export_re_estimates_batchnorm_statistics_on_the_generators_own_outp
     assert not calibrated.training and calibrated.fc[1].momentum == first_norm.momentum
     assert torch.all(first_norm.running_mean == 5.0)  # the EMA itself is left as it was
     assert all(torch.equal(a, b) for a, b in zip(calibrated.parameters(), generator.parameters()))
+
+
+def test_mode_seeking_penalty_is_large_when_the_generator_ignores_its_code():
+    from training.train_gan import mode_seeking_penalty
+
+    z = torch.randn(8, 4)
+    one_image_per_digit = torch.ones(4, 1, 28, 28).repeat(2, 1, 1, 1)
+    varied = torch.rand(8, 1, 28, 28) * 2 - 1
+    assert mode_seeking_penalty(one_image_per_digit, z) > 1e4
+    assert mode_seeking_penalty(varied, z) < 10
+    assert mode_seeking_penalty(varied, z) > mode_seeking_penalty(varied * 2, z)  # further apart, smaller

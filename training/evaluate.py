@@ -11,7 +11,8 @@ compare FIDs only at equal N (training/fid_references.py gives real-data referen
 is unbiased. Colour figures the FID hardly sees: the mean per-image pixel std and the fraction
 of clipped pixels (a channel at 0 or 255), beside the same for the real reference images.
 Class-conditional models are sampled N/10 per class with their defaults; our own classifier
-(training/train_classifier.py) gives the agreement with the asked class, overall and per class,
+(training/train_classifier.py) gives the agreement with the asked class, overall and per class; the
+within-class spread (mean distance between two samples of one class) shows a generator that ignores its noise;
 and, for MNIST, the Frechet distance in its features (FID-M), a figure the GAN targets.
 
 Writes a JSON (default: quality.json in the checkpoint directory) and prints its row of the README's
@@ -42,7 +43,7 @@ from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_device
 from training.data import DEFAULT_PATHS, ImageDataset
 from training.fid import (CACHE_DIR, frechet_distance, inception_features, kernel_inception_distance, load_inception,
-                          pixel_statistics, reference_features, real_subsets)
+                          pixel_statistics, reference_features, real_subsets, within_class_spread)
 
 # model -> (data set its classifier and reference images come from, parameter that picks a class)
 MODELS = {"diffusion": ("cifar10", "class_label"), "ebm": ("cifar10", "class_label"), "gan": ("mnist", "digit")}
@@ -151,7 +152,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
 QUALITY_HEADER = ["model", "training steps", "sampling", "N vs training images", "FID", "KID", "class accuracy (worst class)",
-                  "pixel std (real)", "clipped (real)", "FID-M"]
+                  "pixel std (real)", "clipped (real)", "within-class spread (real)", "FID-M"]
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -179,6 +180,8 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
             "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
             f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
             f"{result['clipped_fraction']:.4f} ({real['clipped_fraction']:.4f})",
+            "—" if result.get("within_class_spread") is None else
+            f"{result['within_class_spread']:.3f} ({result['real_within_class_spread']:.3f})",
             "—" if result.get("fid_m") is None else f"{result['fid_m']:.2f}"]
 
 
@@ -234,6 +237,8 @@ def main() -> None:
         "per_class_accuracy": None if labels is None else per_class_accuracy(logits, labels,
                                                                              classifier.config.num_classes),
         "fid_m": fid_m,
+        "within_class_spread": None if labels is None else within_class_spread(images, labels),
+        "real_within_class_spread": within_class_spread(train.images[reference_idx], train.labels[reference_idx]),
         "seed": args.seed,
         "sampling_params": sampling_params,
         "generator": {"checkpoint": str(checkpoint), "steps": generator_training.get("steps"),

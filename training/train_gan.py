@@ -25,6 +25,8 @@ parser.add_argument("--z-dim", type=int, default=64)
 parser.add_argument("--g-channels", type=int, default=64)
 parser.add_argument("--d-channels", type=int, default=64)
 parser.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.9], help="Adam betas for G and D")
+parser.add_argument("--diversity-weight", type=float, default=1.0,
+                    help="weight of the mode-seeking term (Mao et al. 2019) that keeps codes of one digit apart; 0: off")
 parser.add_argument("--bn-batches", type=int, default=50,
                     help="batches of --batch-size random codes that re-estimate the served generator's BatchNorm "
                          "statistics at export")
@@ -54,6 +56,16 @@ def standing_statistics(generator: Generator, batches: int, batch_size: int, see
     return calibrated.eval()
 
 
+def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """1 / (image distance / code distance) between the batch's two halves, whose pairs share a digit (Mao et al.
+    2019): small when two codes give two different images of the digit, large when the generator ignores its code
+    and draws one image per digit (what hinge loss and the projection discriminator alone let it do here)."""
+    first, second = fake.chunk(2)
+    z_first, z_second = z.chunk(2)
+    ratio = (first - second).abs().mean() / (z_first - z_second).abs().mean()
+    return 1 / (ratio + 1e-5)
+
+
 def main() -> None:
     args = parser.parse_args()
     device = setup(args)
@@ -72,24 +84,27 @@ def main() -> None:
     def export() -> None:
         run.save_state()
         served = stamp({"model_type": "gan", "gan": config.to_dict(), "class_names": data.class_names}, run,
-                       data.sha256, ema_decay=args.ema_decay, bn_batches=args.bn_batches, epochs=round(run.step * args.batch_size / len(data), 2))
+                       data.sha256, ema_decay=args.ema_decay, diversity_weight=args.diversity_weight,
+                       bn_batches=args.bn_batches, epochs=round(run.step * args.batch_size / len(data), 2))
         calibrated = standing_statistics(ema.model, args.bn_batches, args.batch_size, args.seed)
         save_checkpoint(args.out, calibrated.state_dict(), served)
 
     fixed_z = torch.randn((80, config.z_dim), generator=torch.Generator().manual_seed(0)).to(device)
     fixed_labels = (torch.arange(80) % config.num_classes).to(device)
 
-    def fake_and_d_update() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One discriminator update on a fresh batch; returns (fake, labels, d_loss) for the generator's turn."""
+    def fake_and_d_update() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One discriminator update on a fresh batch; returns (fake, their codes, their digits, d_loss) for the
+        generator's turn. The fakes' two halves ask for the same digits, pair by pair (mode_seeking_penalty)."""
         real, labels = data.batch(args.batch_size, run.generator)
         real, labels = real.to(device), labels.to(device)
-        z = torch.randn(len(real), config.z_dim, device=device)
-        fake = gen(z, labels)
-        d_loss = F.relu(1 - disc(real, labels)).mean() + F.relu(1 + disc(fake.detach(), labels)).mean()
+        fake_labels = labels[: len(labels) // 2].repeat(2)
+        z = torch.randn(len(fake_labels), config.z_dim, device=device)
+        fake = gen(z, fake_labels)
+        d_loss = F.relu(1 - disc(real, labels)).mean() + F.relu(1 + disc(fake.detach(), fake_labels)).mean()
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        return fake, labels, d_loss
+        return fake, z, fake_labels, d_loss
 
     gen.train()
     if warm_start and args.d_warmup_steps:
@@ -98,14 +113,15 @@ def main() -> None:
     while not run.done():
         lr = learning_rate(args, run.step, run.optimizer_start)
         set_learning_rate([opt_g, opt_d], lr)
-        fake, labels, d_loss = fake_and_d_update()
-        g_loss = -disc(fake, labels).mean()
+        fake, z, labels, d_loss = fake_and_d_update()
+        adversarial = -disc(fake, labels).mean()
+        diversity = mode_seeking_penalty(fake, z)
         opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
+        (adversarial + args.diversity_weight * diversity).backward()
         opt_g.step()
         ema.update(gen, run.step)
 
-        run.progress(d_loss=d_loss.item(), g_loss=g_loss.item(), lr=lr)
+        run.progress(d_loss=d_loss.item(), g_loss=adversarial.item(), diversity=diversity.item(), lr=lr)
         if run.due(args.save_every):
             export()
         if run.due(args.sample_every):
