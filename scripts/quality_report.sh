@@ -34,6 +34,11 @@ if [[ $part == all || $part == served ]]; then
   $EVAL --model ebm --n-samples 250   # about 1 s per guided sample on 2 cores: read its KID
   $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
+  # the GAN as served before its BatchNorm and mode-seeking fixes (step 6384), from the git history
+  before=$(mktemp -d)
+  for f in model.safetensors config.json; do git show c1794d0524d03e4d34f397fe6d0287af3609b57a:checkpoints/gan/$f > "$before/$f"; done
+  $EVAL --model gan --checkpoint "$before" --n-samples 1000 --reference-size 1000 --out docs/quality/gan-before-fixes-step-6384.json
+  rm -r "$before"
   $PY -m training.ebm_ood --n 500
 fi
 if [[ $part == all || $part == grids ]]; then
