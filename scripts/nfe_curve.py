@@ -20,13 +20,18 @@ Options (defaults in brackets; [d] diffusion, [e] EBM):
   --batch-size N          images per sampling call [64]
   --seed S                the same for every setting, so every setting starts from the same noise [0]
   --threads N             torch threads [all cores]
+  --device D              cuda or cpu [cuda when available; on a GPU in full fp32, no TF32]
+  --data PATH             Keras-layout CIFAR-10 .npz whose training images hold the reference [the shared copy]
+  --progress-dir DIR      each setting's samples are kept here until measured [runs/eval_progress]
+  --sample-only           draw every setting's samples into --progress-dir and stop; the same command without it
+                          measures them (to sample on a machine that lacks the FID network or the data)
   --out PATH, --plot PATH [docs/quality/nfe_curve.json and .png; ebm: ebm_nfe_curve.json and .png]
   --redraw                only redraw the plot and print the table from --out
 
 Settings run in this order: the grid for each guidance scale (the served default's first), then the references,
 the costliest. Each finished setting is written to --out at once with its network evaluations per image (as
 the server counts them for its work bound), and a rerun with the same --out skips the settings already there
-(same model, checkpoint, N and seed), so an interrupted sweep continues where it stopped.
+(same model, checkpoint, data, N and seed), so an interrupted sweep continues where it stopped.
 KID is unbiased at any N; FID at N = 300 carries a large small-sample bias, so compare FIDs only within one file.
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ import argparse
 import io
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,7 +59,9 @@ from scripts.archive import handler_settings  # noqa: E402
 from scripts.charts import axes, dashed  # noqa: E402
 from training.classifiers import classify, load_classifier  # noqa: E402
 from training.data import DEFAULT_PATHS, ImageDataset  # noqa: E402
-from training.evaluate import class_accuracy, machine, markdown_table, per_class_accuracy, sample  # noqa: E402
+from training.common import pick_eval_device  # noqa: E402
+from training.evaluate import (class_accuracy, machine, markdown_table, per_class_accuracy,  # noqa: E402
+                               progress_path, resolved_params, sample, sampling_machine)
 from training.fid import (frechet_distance, inception_features, kernel_inception_distance, load_inception,  # noqa: E402
                           pixel_statistics, real_subsets, reference_features)
 
@@ -77,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device")
+    p.add_argument("--data", type=Path, default=DEFAULT_PATHS["cifar10"])
+    p.add_argument("--progress-dir", type=Path, default=ROOT / "runs" / "eval_progress")
+    p.add_argument("--sample-only", action="store_true")
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
@@ -137,21 +149,35 @@ def evaluations(pipeline, body: dict[str, Any]) -> int:
     return pipeline.work(validate(request_of(body) | {"class_label": 0, "n_images": 1}, pipeline.param_specs()))
 
 
-def measure(pipeline, body: dict[str, Any], args, inception, real_features, classifier) -> dict[str, Any]:
-    request = request_of(body)
+def setting_dir(pipeline, body: dict[str, Any], args) -> Path:
+    """Where a setting's samples are kept until it is measured (named as evaluate.py names its runs)."""
+    return progress_path(args, pipeline.config.get("weights_sha256"), resolved_params(pipeline, request_of(body)))
+
+
+def draw(pipeline, body: dict[str, Any], args) -> tuple[torch.Tensor, torch.Tensor, Path]:
+    """A setting's samples, drawn into (or resumed from) its progress directory."""
+    progress_dir = setting_dir(pipeline, body, args)
+    images, labels = sample(pipeline, request_of(body), "class_label", len(pipeline.class_names), args.n_samples,
+                            args.batch_size, args.seed, progress_dir)
+    return images, labels, progress_dir
+
+
+def measure(pipeline, body: dict[str, Any], args, inception, real_features, classifier,
+            device: torch.device) -> dict[str, Any]:
+    drawn_before = sampling_machine(setting_dir(pipeline, body, args)) is not None
     started = time.monotonic()
-    images, labels = sample(pipeline, request, "class_label", len(pipeline.class_names), args.n_samples,
-                            args.batch_size, args.seed)
-    sampling_s = time.monotonic() - started
+    images, labels, progress_dir = draw(pipeline, body, args)
+    sampling_s = None if drawn_before else time.monotonic() - started  # a speed only for samples drawn here
     features = inception_features(inception, images, args.batch_size)
     kid, kid_std = kernel_inception_distance(real_features, features)
-    _, logits = classify(classifier, images, args.batch_size, torch.device("cpu"))
+    _, logits = classify(classifier, images, args.batch_size, device)
     return {**body, "evaluations_per_image": evaluations(pipeline, body), "n_samples": len(images),
             "fid": frechet_distance(real_features, features), "kid": kid, "kid_std": kid_std,
             **pixel_statistics(images), "class_accuracy": class_accuracy(logits, labels),
             "worst_class_accuracy": min(per_class_accuracy(logits, labels, len(pipeline.class_names))),
-            "sampling_seconds": round(sampling_s, 1),
-            "images_per_s": round(len(images) / sampling_s, 3)}
+            "sampling_machine": sampling_machine(progress_dir),
+            "sampling_seconds": None if sampling_s is None else round(sampling_s, 1),
+            "images_per_s": None if sampling_s is None else round(len(images) / sampling_s, 3)}
 
 
 def done(body: dict[str, Any], results: list[dict[str, Any]]) -> bool:
@@ -270,17 +296,26 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipeline = load_pipeline(args.checkpoint, **handler_settings(args.model))  # as served
+    device = pick_eval_device(args.device)
+    pipeline = load_pipeline(args.checkpoint, device, **handler_settings(args.model))  # as served
     if pipeline.model_type != args.model or not pipeline.class_names:
         raise SystemExit(f"{args.checkpoint} is not a class-conditional {args.model} checkpoint")
-    train = ImageDataset(DEFAULT_PATHS["cifar10"])
-    inception = load_inception()
+    default_guidance = next(spec.default for spec in pipeline.param_specs() if spec.name == "guidance_scale")
+    if args.sample_only:
+        for body in settings(args, default_guidance):
+            print(f"sampling {body}", flush=True)
+            draw(pipeline, body, args)
+        print(f"samples in {args.progress_dir}; run again without --sample-only to measure them")
+        return
+    train = ImageDataset(args.data)
+    inception = load_inception(device)
     real_features = reference_features(inception, train, args.reference_size)
-    classifier, _ = load_classifier(ROOT / "checkpoints" / "classifiers" / "cifar10", torch.device("cpu"))
+    classifier, _ = load_classifier(ROOT / "checkpoints" / "classifiers" / "cifar10", device)
     identity = {"model": args.model, "checkpoint": str(args.checkpoint),
                 "weights_sha256": pipeline.config.get("weights_sha256"),
                 "training_steps": pipeline.config.get("training", {}).get("steps"), "n_samples": args.n_samples,
-                "seed": args.seed, "reference": {"split": "train", "n": args.reference_size}}
+                "seed": args.seed, "reference": {"split": "train", "n": args.reference_size},
+                "data_sha256": train.sha256}
     result = {**identity, "series": args.series_name, "x": args.x_name,
               "reference_keys": sorted(args.reference_body or {}),
               "real_pixels": pixel_statistics(train.images[real_subsets(len(train), args.reference_size)[0]]),
@@ -289,13 +324,13 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(args.out.read_text())
         if all(previous.get(k) == v for k, v in identity.items()):
             result["results"] = previous["results"]
-    default_guidance = next(spec.default for spec in pipeline.param_specs() if spec.name == "guidance_scale")
     for body in settings(args, default_guidance):
         if done(body, result["results"]):
             continue
         print(f"measuring {body}", flush=True)
-        result["results"].append(measure(pipeline, body, args, inception, real_features, classifier))
-        result["machine"] = machine(torch.device("cpu"))
+        result["results"].append(measure(pipeline, body, args, inception, real_features, classifier, device))
+        shutil.rmtree(setting_dir(pipeline, body, args), ignore_errors=True)
+        result["machine"] = machine(device)
         atomic_write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode())
         atomic_write_bytes(args.plot, plot(result))
     print(curve_table(result))

@@ -128,3 +128,25 @@ def test_interrupted_sampling_resumes_with_the_same_images(tmp_path, monkeypatch
     assert len(resumed_calls) == 20 - 4  # 10 classes x batches of 2 and 1; the 4 saved ones are not drawn again
     assert torch.equal(resumed, whole) and torch.equal(resumed_labels, whole_labels)
     assert whole.shape == (30, 3, 32, 32) and whole_labels.tolist() == [k for k in range(10) for _ in range(3)]
+
+
+def test_samples_drawn_elsewhere_are_measured_as_if_drawn_here(classifiers, tmp_path):
+    """--sample-only needs no data and no FID network (a GPU machine may lack both); the run that measures its
+    samples later gives the figures of a run that drew them itself, and names the machine that drew them."""
+    checkpoint = tiny_checkpoint(tmp_path / "ebm", "ebm")
+    common = ["--model", "ebm", "--checkpoint", str(checkpoint), "--classifier", str(classifiers["cifar10"] / "clf"),
+              "--n-samples", "20", "--reference-size", "16", "--batch-size", "10",
+              "--fid-cache", str(tmp_path / "cache")]
+    data = str(classifiers["cifar10"] / "data.npz")
+    drawn = run("training.evaluate", *common, "--data", str(tmp_path / "absent.npz"), "--sample-only",
+                "--progress-dir", str(tmp_path / "elsewhere"))
+    assert "run again without --sample-only" in drawn.stdout and not (checkpoint / "quality.json").exists()
+    run("training.evaluate", *common, "--data", data, "--progress-dir", str(tmp_path / "elsewhere"),
+        "--out", str(tmp_path / "later.json"))
+    run("training.evaluate", *common, "--data", data, "--progress-dir", str(tmp_path / "here"),
+        "--out", str(tmp_path / "direct.json"))
+    later, direct = (json.loads((tmp_path / name).read_text()) for name in ("later.json", "direct.json"))
+    for key in ("fid", "kid", "pixel_std", "class_accuracy", "within_class_spread"):
+        assert later[key] == direct[key], key
+    assert later["sampling_machine"]["cpu"] == later["machine"]["cpu"] and later["sampling_machine"]["device"] == "cpu"
+    assert list((tmp_path / "elsewhere").iterdir()) == []  # measured samples are not kept

@@ -1,12 +1,18 @@
 """scripts/nfe_curve.py: what it measures, in which order, and how it shows it (a sweep itself takes hours)."""
 import io
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from scripts.nfe_curve import curve_table, evaluations, parse_args, plot, settings
 from generators.pipelines import load_pipeline
-from tests.synthetic import tiny_checkpoint
+from tests.synthetic import CIFAR_CLASSES, tiny_checkpoint, write_npz
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def row(sampler, steps, scale, kid, reference=False):
@@ -61,3 +67,26 @@ def test_table_and_plot_show_every_measured_setting():
     assert "| guidance 3 | DDIM | 0.0150 (0.200) | 0.0050 (0.200) |" in curve_table(result, "colour")
     image = Image.open(io.BytesIO(plot(result)))
     assert image.size[0] == 2 * image.size[1] * 560 // 420  # one panel per guidance scale
+
+
+def test_a_sweep_sampled_elsewhere_measures_as_one_sampled_here(tmp_path):
+    """--sample-only draws every setting without data or FID network; measuring those samples later gives the
+    figures of a sweep that drew them itself, without a sampling speed (it was not timed here)."""
+    tiny_checkpoint(tmp_path / "ebm", "ebm")
+    data = write_npz(tmp_path / "data.npz", (32, 32, 3), classes=CIFAR_CLASSES)
+    common = [sys.executable, str(ROOT / "scripts" / "nfe_curve.py"), "--model", "ebm", "--checkpoint",
+              str(tmp_path / "ebm"), "--n-samples", "20", "--batch-size", "10", "--reference-size", "16",
+              "--x", "levels=2", "--series", "corrector_steps=0", "--guidance", "2", "--reference", "", "--threads", "1"]
+
+    def sweep(*extra: str) -> None:
+        result = subprocess.run(common + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    sweep("--sample-only", "--data", str(tmp_path / "absent.npz"), "--progress-dir", str(tmp_path / "elsewhere"),
+          "--out", str(tmp_path / "never.json"))
+    assert not (tmp_path / "never.json").exists()
+    sweep("--data", str(data), "--progress-dir", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "later.json"))
+    sweep("--data", str(data), "--progress-dir", str(tmp_path / "here"), "--out", str(tmp_path / "direct.json"))
+    (later,), (direct,) = (json.loads((tmp_path / name).read_text())["results"] for name in ("later.json", "direct.json"))
+    assert later["kid"] == direct["kid"] and later["fid"] == direct["fid"]
+    assert later["images_per_s"] is None and direct["images_per_s"] > 0

@@ -206,6 +206,16 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pick_eval_device(requested: str | None) -> torch.device:
+    """pick_device for measurements: on a GPU, convolutions and matmuls stay in full fp32 (PyTorch lets cuDNN use
+    TF32 by default), so sampled images and Inception features match the CPU's up to float rounding."""
+    device = pick_device(requested)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)

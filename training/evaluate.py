@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -40,7 +41,7 @@ from generators.imaging import to_uint8
 from generators.params import validate
 from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
-from training.common import ROOT, pick_device
+from training.common import ROOT, pick_eval_device
 from training.data import DEFAULT_PATHS, ImageDataset
 from training.fid import (CACHE_DIR, frechet_distance, inception_features, kernel_inception_distance, load_inception,
                           pixel_statistics, reference_features, real_subsets, within_class_spread)
@@ -65,6 +66,9 @@ parser.add_argument("--seed", type=int, default=0, help="seeds the samples and t
 parser.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/quality.json")
 parser.add_argument("--progress-dir", type=Path, default=ROOT / "runs" / "eval_progress",
                     help="unfinished runs' batches (git-ignored): run the same command again to resume")
+parser.add_argument("--sample-only", action="store_true",
+                    help="draw the samples into --progress-dir and stop; the same command without it measures them "
+                         "(to sample on a machine that lacks the FID network or the data)")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -91,8 +95,9 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
 
     Each request is validated like a served one; only the batch size is set afterwards, as the
     serving bounds on images per request are about latency, not about what a model may produce.
-    With `progress_dir`, each batch is saved there as it is drawn, with the random state after it, and a run
-    that finds them goes on from there: an interrupted 10k-sample run resumes and draws the same images.
+    With `progress_dir`, each batch is saved there as it is drawn, with the random state after it and the
+    machine that drew it, and a run that finds them goes on from there: an interrupted 10k-sample run resumes and
+    draws the same images.
     """
     specs = pipeline.param_specs()
     conditional = class_param is not None and class_param in {p.name for p in specs}
@@ -116,11 +121,25 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
             saved.append({"images": x} if k is None else {"images": x, "labels": torch.full((size,), k)})
             if progress_dir is not None:
                 atomic_write_bytes(progress_dir / f"batch-{index:05d}.safetensors", save(saved[-1]))
-                atomic_write_bytes(progress_dir / PROGRESS_STATE, save({"batches_done": torch.tensor(index + 1),
-                                                                        "rng_state": generator.get_state()}))
+                state = {"batches_done": torch.tensor(index + 1), "rng_state": generator.get_state()}
+                metadata = {"machine": json.dumps(machine(pipeline.device))}
+                atomic_write_bytes(progress_dir / PROGRESS_STATE, save(state, metadata=metadata))
             bar.update(size)
     images = torch.cat([b["images"] for b in saved])
     return images, (torch.cat([b["labels"] for b in saved]) if conditional else None)
+
+
+def sampling_machine(progress_dir: Path) -> dict[str, Any] | None:
+    """The machine that drew a progress directory's last batch (None when nothing was saved there)."""
+    if not (progress_dir / PROGRESS_STATE).exists():
+        return None
+    with safe_open(progress_dir / PROGRESS_STATE, "pt") as state:
+        return json.loads((state.metadata() or {}).get("machine", "null"))
+
+
+def resolved_params(pipeline: Pipeline, body: dict[str, Any]) -> dict[str, Any]:
+    """A request body with the checkpoint's defaults filled in, without what the evaluation sets itself."""
+    return {k: v for k, v in validate(body, pipeline.param_specs()).items() if k not in RESERVED}
 
 
 def progress_path(args: argparse.Namespace, weights_sha256: str | None, params: dict[str, Any]) -> Path:
@@ -190,7 +209,7 @@ def main() -> None:
     started = time.monotonic()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = pick_eval_device(args.device)
     dataset, class_param = MODELS[args.model]
     checkpoint = args.checkpoint or ROOT / "checkpoints" / args.model
     body = json.loads(args.params)
@@ -204,15 +223,17 @@ def main() -> None:
                                                     device)
     if classifier_config["dataset"] != dataset:
         raise SystemExit(f"{args.model} is measured with a {dataset} classifier, not {classifier_config['dataset']}")
+    sampling_params = resolved_params(pipeline, body)
+    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), sampling_params)
+    images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
+                            args.batch_size, args.seed, progress_dir)
+    if args.sample_only:
+        print(f"samples in {progress_dir}; run again without --sample-only to measure them")
+        return
     train = ImageDataset(args.data or DEFAULT_PATHS[dataset])
     generator_training = pipeline.config.get("training", {})
     if generator_training.get("data_sha256") not in (None, train.sha256):
         print(f"warning: {checkpoint} was trained on other data than {train.path}")
-
-    sampling_params = {k: v for k, v in validate(body, pipeline.param_specs()).items() if k not in RESERVED}
-    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), sampling_params)
-    images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
-                            args.batch_size, args.seed, progress_dir)
     inception = load_inception(device)
     features = inception_features(inception, images, args.batch_size)
     real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
@@ -247,6 +268,7 @@ def main() -> None:
                        "weights_sha256": classifier_config.get("weights_sha256")},
         "data_sha256": train.sha256,
         "machine": machine(device),
+        "sampling_machine": sampling_machine(progress_dir),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     out = args.out or checkpoint / "quality.json"
