@@ -4,6 +4,9 @@
 #   scripts/quality_report.sh sweeps     # only the diffusion guidance sweep
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
+# With a GPU but without the data or the FID network there (the committed nfe sweeps and the EBM's 10k row were
+# drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
+# run the same commands here without --sample-only; they measure those samples and record the machine that drew them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,11 +30,14 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-guidance-2 '{"guidance_scale": 2}'
 fi
 if [[ $part == all || $part == nfe ]]; then
-  $PY scripts/nfe_curve.py   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM, N = 300 each
+  # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector
+  # steps, +-guidance, and 100 levels x 2. N = 500 each; the batch size names the samples (keep it to reproduce)
+  $PY scripts/nfe_curve.py --n-samples 500 --batch-size 500
+  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 500
 fi
 if [[ $part == all || $part == served ]]; then
   $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps (chosen from the nfe part), guidance 3.5 (from the sweeps); ~75 min
-  $EVAL --model ebm --n-samples 250   # about 1 s per guided sample on 2 cores: read its KID
+  $EVAL --model ebm --n-samples 10000 --batch-size 500  # about 1 s per guided sample on 2 cores: ~3 h here
   $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
   # the GAN as served before its BatchNorm and mode-seeking fixes (step 6384), from the git history

@@ -10,7 +10,7 @@ The real-data reference ladder comes from docs/quality/fid_references.json (trai
 EBM's out-of-distribution table from docs/quality/ebm_ood.json (training/ebm_ood.py).
 Speed rows come from docs/sampling_speed.json (scripts/sample_report.py), the serving benchmark's from
 docs/benchmark.json (scripts/benchmark.py), the samplers' quality against cost from docs/quality/nfe_curve.json
-(scripts/nfe_curve.py). Each table sits between
+and ebm_nfe_curve.json (scripts/nfe_curve.py). Each table sits between
 `<!-- name -->` and `<!-- /name -->` markers in the README.
 """
 from __future__ import annotations
@@ -128,17 +128,31 @@ def nfe_table(path: Path) -> str:
     return header + curve_table(result) + colour + curve_table(result, "colour")
 
 
+def machine_name(m: dict) -> str:
+    return f"{m['cpu_count']}-core {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "") + f", torch {m['torch']}"
+
+
 def machines_line(checkpoints: Path, docs: Path) -> str:
-    """The machines the tables' JSON files say they were measured on, so the README never names one by hand."""
+    """The machines the tables' JSON files say they were measured on, and those that drew samples measured
+    elsewhere (evaluate.py and nfe_curve.py --sample-only), so the README never names one by hand."""
     files = [*sorted(checkpoints.glob("*/quality.json")), *sorted((docs / "quality").glob("*.json")),
              docs / "sampling_speed.json", docs / "benchmark.json"]
-    seen: dict[str, list[str]] = {}
+    measured: dict[str, list[str]] = {}
+    drawn: dict[str, list[str]] = {}
     for path in files:
-        m = json.loads(path.read_text()).get("machine")
-        if m:
-            name = f"{m['cpu_count']}-core {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "") + f", torch {m['torch']}"
-            seen.setdefault(name, []).append(f"{path.parent.name}/{path.name}")
-    return "Measured on: " + "; ".join(f"{name} ({', '.join(names)})" for name, names in seen.items()) + "."
+        result = json.loads(path.read_text())
+        label = f"{path.parent.name}/{path.name}"
+        measured_on = machine_name(result["machine"]) if result.get("machine") else None
+        if measured_on:
+            measured.setdefault(measured_on, []).append(label)
+        samplers = [result.get("sampling_machine")] + [r.get("sampling_machine") for r in result.get("results", [])]
+        for name in dict.fromkeys(machine_name(m) for m in samplers if m):
+            if name != measured_on:
+                drawn.setdefault(name, []).append(label)
+    line = "Measured on: " + "; ".join(f"{name} ({', '.join(names)})" for name, names in measured.items()) + "."
+    if drawn:
+        line += " Samples drawn on: " + "; ".join(f"{name} ({', '.join(names)})" for name, names in drawn.items()) + "."
+    return line
 
 
 def replace_between_markers(text: str, name: str, table: str) -> str:
@@ -157,6 +171,7 @@ def main() -> None:
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
     updated = replace_between_markers(updated, "benchmark-table", benchmark_table(args.docs))
     updated = replace_between_markers(updated, "nfe-table", nfe_table(args.docs / "quality" / "nfe_curve.json"))
+    updated = replace_between_markers(updated, "ebm-nfe-table", nfe_table(args.docs / "quality" / "ebm_nfe_curve.json"))
     updated = replace_between_markers(updated, "machines", machines_line(args.checkpoints, args.docs))
     if args.check:
         if updated != text:
