@@ -60,8 +60,8 @@ from scripts.charts import axes, dashed  # noqa: E402
 from training.classifiers import classify, load_classifier  # noqa: E402
 from training.data import DEFAULT_PATHS, ImageDataset  # noqa: E402
 from training.common import pick_eval_device  # noqa: E402
-from training.evaluate import (class_accuracy, machine, markdown_table, per_class_accuracy,  # noqa: E402
-                               progress_path, resolved_params, sample, sampling_machine)
+from training.evaluate import (PROGRESS_STATE, class_accuracy, machine, markdown_table,  # noqa: E402
+                               per_class_accuracy, progress_path, resolved_params, sample, sampling_machine)
 from training.fid import (frechet_distance, inception_features, kernel_inception_distance, load_inception,  # noqa: E402
                           pixel_statistics, real_subsets, reference_features)
 
@@ -164,7 +164,7 @@ def draw(pipeline, body: dict[str, Any], args) -> tuple[torch.Tensor, torch.Tens
 
 def measure(pipeline, body: dict[str, Any], args, inception, real_features, classifier,
             device: torch.device) -> dict[str, Any]:
-    drawn_before = sampling_machine(setting_dir(pipeline, body, args)) is not None
+    drawn_before = (setting_dir(pipeline, body, args) / PROGRESS_STATE).exists()
     started = time.monotonic()
     images, labels, progress_dir = draw(pipeline, body, args)
     sampling_s = None if drawn_before else time.monotonic() - started  # a speed only for samples drawn here
