@@ -106,6 +106,7 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
     batches = [(k, min(batch_size, count - start)) for k, count in zip(classes, counts)
                for start in range(0, count, batch_size)]
     generator = torch.Generator().manual_seed(seed)
+    drawn_on = {"machine": json.dumps(machine(pipeline.device))}  # saved with the state, read once here
     saved: list[dict[str, torch.Tensor]] = []
     if progress_dir is not None and (progress_dir / PROGRESS_STATE).exists():
         state = load_file(progress_dir / PROGRESS_STATE)
@@ -122,8 +123,7 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
             if progress_dir is not None:
                 atomic_write_bytes(progress_dir / f"batch-{index:05d}.safetensors", save(saved[-1]))
                 state = {"batches_done": torch.tensor(index + 1), "rng_state": generator.get_state()}
-                metadata = {"machine": json.dumps(machine(pipeline.device))}
-                atomic_write_bytes(progress_dir / PROGRESS_STATE, save(state, metadata=metadata))
+                atomic_write_bytes(progress_dir / PROGRESS_STATE, save(state, metadata=drawn_on))
             bar.update(size)
     images = torch.cat([b["images"] for b in saved])
     return images, (torch.cat([b["labels"] for b in saved]) if conditional else None)
