@@ -76,10 +76,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
+        # one multi-tensor kernel per list: on a GPU, a loop of per-tensor ops costs a launch per tensor
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
@@ -168,8 +169,9 @@ class TrainingRun:
             return True
         return False
 
-    def progress(self, **metrics: float) -> None:
-        """Advance one step; update the bar, and every log_every steps append a log line."""
+    def progress(self, **metrics: float | torch.Tensor) -> None:
+        """Advance one step; update the bar, and every log_every steps append a log line. Metrics may be
+        tensors on the training device: they are read (a device sync) only at those log steps."""
         if self._bar is None:
             self._bar = tqdm(initial=self.step, total=self.args.max_steps, dynamic_ncols=True, mininterval=5)
         self.step += 1
@@ -178,8 +180,9 @@ class TrainingRun:
             now = time.monotonic()
             rate = (self.step - self._last_step) / max(now - self._last_time, 1e-9)
             self._last_time, self._last_step = now, self.step
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-            self.log(steps_per_hour=round(3600 * rate), **metrics)
+            values = {k: float(v) for k, v in metrics.items()}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+            self.log(steps_per_hour=round(3600 * rate), **values)
 
     def log(self, **metrics: float) -> None:
         """Append one JSON line, stamped with the current step, to log.jsonl."""
@@ -227,12 +230,15 @@ def setup(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float | None) -> float:
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                  max_norm: float | None) -> torch.Tensor:
+    """Backward, clip, step; returns the gradient norm before clipping as a tensor, so that a GPU run is not
+    made to wait for it at every step (TrainingRun.progress reads it only when it logs)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
     optimizer.step()
-    return float(norm)
+    return norm.detach()
 
 
 def learning_rate(args: argparse.Namespace, step: int, optimizer_start: int = 0) -> float:

@@ -37,10 +37,17 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    def to(self, device: torch.device) -> "ImageDataset":
+        """Keep the images on `device` (a GPU holds all of CIFAR-10 in 150 MB), so batches are cut there."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
     def batch(self, batch_size: int, generator: torch.Generator, hflip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
+        """Random images as float in [-1, 1] and their labels, on the images' device; the draws come from the CPU
+        `generator`, so a run picks the same batches on any device."""
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator).to(self.images.device)
         x = self.images[idx].float() / 127.5 - 1
         if hflip:
-            flip = torch.rand(batch_size, generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
+            flip = (torch.rand(batch_size, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, self.labels[idx]

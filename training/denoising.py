@@ -77,7 +77,7 @@ def train_denoiser(args: argparse.Namespace, model: nn.Module, ema: EMA, optimiz
         loss = diffusion.training_loss(forward, x, labels)
         grad_norm = clip_and_step(model, optimizer, loss, args.grad_clip)
         ema.update(model, run.step)
-        run.progress(loss=loss.item(), grad_norm=grad_norm, lr=lr)
+        run.progress(loss=loss.detach(), grad_norm=grad_norm, lr=lr)
         if run.due(args.val_every):
             run.log(**validation_losses(ema.model, diffusion, validation))
         if run.due(args.save_every):

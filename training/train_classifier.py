@@ -102,7 +102,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         schedule.step()
-        run.progress(loss=loss.item(), lr=schedule.get_last_lr()[0])
+        run.progress(loss=loss.detach(), lr=schedule.get_last_lr()[0])
         if run.due(args.save_every):
             run.save_state()
     run.save_state()

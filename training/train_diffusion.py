@@ -38,7 +38,7 @@ def unet_config_from_args(args, data: ImageDataset) -> UNetConfig:
 def main() -> None:
     args = parser.parse_args()
     device = setup(args)
-    data = ImageDataset(args.data)
+    data = ImageDataset(args.data).to(device)
     unet_config = unet_config_from_args(args, data)
     schedule = ScheduleConfig(schedule=args.schedule, min_snr_gamma=args.min_snr_gamma)
     diffusion = GaussianDiffusion(schedule)

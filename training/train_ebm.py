@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_flush_denormal(True)  # denormals in the double backward cost more than they are worth
     device = setup(args)
-    data = ImageDataset(args.data)
+    data = ImageDataset(args.data).to(device)
     schedule = ScheduleConfig(schedule=args.schedule, min_snr_gamma=args.min_snr_gamma)
     diffusion = GaussianDiffusion(schedule)
     unet_config = (UNetConfig.from_dict(load_checkpoint(args.init_from)[1]["unet"]) if args.init_from

@@ -69,7 +69,7 @@ def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     args = parser.parse_args()
     device = setup(args)
-    data = ImageDataset(args.data)
+    data = ImageDataset(args.data).to(device)
     config = GANConfig(z_dim=args.z_dim, num_classes=len(data.class_names), g_channels=args.g_channels,
                        d_channels=args.d_channels)
     gen, disc = Generator(config).to(device), Discriminator(config).to(device)
@@ -123,7 +123,7 @@ def main() -> None:
         opt_g.step()
         ema.update(gen, run.step)
 
-        run.progress(d_loss=d_loss.item(), g_loss=adversarial.item(), diversity=diversity.item(), lr=lr)
+        run.progress(d_loss=d_loss.detach(), g_loss=adversarial.detach(), diversity=diversity.detach(), lr=lr)
         if run.due(args.save_every) or run.due(args.sample_every):
             calibrated = calibrated_ema()  # one re-estimation serves both
             if run.due(args.save_every):
