@@ -4,8 +4,8 @@
 #   scripts/quality_report.sh sweeps     # only the diffusion guidance sweep
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
-# With a GPU but without the data or the FID network there (the committed EBM nfe sweep and the EBM's 10k row
-# were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
+# With a GPU but without the data or the FID network there (both CIFAR-10 models' 10k rows and the committed nfe
+# sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
 # run the same commands here without --sample-only; they measure those samples and record the machine that drew them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,10 +36,12 @@ if [[ $part == all || $part == nfe ]]; then
   $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 500
 fi
 if [[ $part == all || $part == served ]]; then
-  $EVAL --model diffusion --n-samples 10000   # DPM++2M 20 steps (chosen from the nfe part), guidance 3.5 (from the sweeps); ~75 min
+  $EVAL --model diffusion --n-samples 10000 --batch-size 500  # DPM++2M 20 steps (chosen from the nfe part), guidance 3.5 (from the sweeps); ~1.5 h here
   $EVAL --model ebm --n-samples 10000 --batch-size 500  # about 1 s per guided sample on 2 cores: ~3 h here
   $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
+  # every digit at 1,000 samples, without Inception (a minute): the per-digit accuracy target
+  $EVAL --model gan --n-samples 10000 --reference-size 1000 --no-fid --out docs/quality/gan-class-accuracy-at-10000.json
   # the GAN as served before its BatchNorm and mode-seeking fixes (step 6384), from the git history
   before=$(mktemp -d)
   for f in model.safetensors config.json; do git show c1794d0524d03e4d34f397fe6d0287af3609b57a:checkpoints/gan/$f > "$before/$f"; done

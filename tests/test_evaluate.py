@@ -99,6 +99,20 @@ def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
     assert result.stdout.strip().splitlines()[-1].startswith(f"| {model} | 0 | ")
 
 
+def test_evaluate_without_fid_gives_the_same_class_figures(classifiers, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "gan", "gan")
+    common = ["--model", "gan", "--checkpoint", str(checkpoint), "--classifier", str(classifiers["mnist"] / "clf"),
+              "--data", str(classifiers["mnist"] / "data.npz"), "--n-samples", "20", "--reference-size", "16",
+              "--batch-size", "10", "--fid-cache", str(tmp_path / "cache")]
+    run("training.evaluate", *common, "--out", str(tmp_path / "full.json"))
+    quick = run("training.evaluate", *common, "--no-fid", "--out", str(tmp_path / "quick.json"))
+    full, report = (json.loads((tmp_path / name).read_text()) for name in ("full.json", "quick.json"))
+    assert report["fid"] is None and report["kid"] is None and full["fid"] > 0
+    for key in ("class_accuracy", "per_class_accuracy", "fid_m", "pixel_std", "clipped_fraction", "within_class_spread"):
+        assert report[key] == full[key], key
+    assert "| — | — |" in quick.stdout.strip().splitlines()[-1]
+
+
 def test_evaluate_refuses_params_it_sets_itself(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["evaluate", "--model", "gan", "--params", '{"digit": 3}'])
     with pytest.raises(SystemExit, match="--params"):

@@ -69,6 +69,9 @@ parser.add_argument("--progress-dir", type=Path, default=ROOT / "runs" / "eval_p
 parser.add_argument("--sample-only", action="store_true",
                     help="draw the samples into --progress-dir and stop; the same command without it measures them "
                          "(to sample on a machine that lacks the FID network or the data)")
+parser.add_argument("--no-fid", action="store_true",
+                    help="skip the Inception network: class accuracy, colour figures and spread only, with FID and KID "
+                         "left empty (a cheap check at large N, where Inception would take most of the time)")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -195,7 +198,8 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
     accuracy = result["class_accuracy"]
     real = result["real_pixels"]
     return [label, result["generator"]["steps"], describe_sampling(result["sampling_params"], accuracy is not None),
-            f"{result['n_samples']} vs {result['reference']['n']}", f"{result['fid']:.1f}", f"{result['kid']:.4f}",
+            f"{result['n_samples']} vs {result['reference']['n']}",
+            "—" if result["fid"] is None else f"{result['fid']:.1f}", "—" if result["kid"] is None else f"{result['kid']:.4f}",
             "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
             f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
             f"{result['clipped_fraction']:.4f} ({real['clipped_fraction']:.4f})",
@@ -234,10 +238,13 @@ def main() -> None:
     generator_training = pipeline.config.get("training", {})
     if generator_training.get("data_sha256") not in (None, train.sha256):
         print(f"warning: {checkpoint} was trained on other data than {train.path}")
-    inception = load_inception(device)
-    features = inception_features(inception, images, args.batch_size)
-    real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
-    kid, kid_std = kernel_inception_distance(real_features, features)
+    fid = kid = kid_std = None
+    if not args.no_fid:
+        inception = load_inception(device)
+        features = inception_features(inception, images, args.batch_size)
+        real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
+        fid = frechet_distance(real_features, features)
+        kid, kid_std = kernel_inception_distance(real_features, features)
     classifier_features, logits = classify(classifier, images, args.batch_size, device)
     reference_idx, _ = real_subsets(len(train), args.reference_size)
     fid_m = None
@@ -247,7 +254,7 @@ def main() -> None:
 
     result = {
         "model": args.model,
-        "fid": frechet_distance(real_features, features),
+        "fid": fid,
         "kid": kid,
         "kid_std": kid_std,
         "n_samples": len(images),
