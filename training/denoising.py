@@ -68,8 +68,7 @@ def train_denoiser(args: argparse.Namespace, model: nn.Module, ema: EMA, optimiz
     forward = forward or model
     model.train()
     while not run.done():
-        x, labels = data.batch(args.batch_size, run.generator, hflip=True)
-        x, labels = x.to(device), labels.to(device)
+        x, labels = data.batch(args.batch_size, run.generator, hflip=True)  # on the data's device
         drop = torch.rand(len(labels), generator=run.generator).to(device) < args.label_dropout
         labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
         lr = learning_rate(args, run.step, run.optimizer_start)

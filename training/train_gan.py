@@ -97,8 +97,7 @@ def main() -> None:
     def fake_and_d_update() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One discriminator update on a fresh batch; returns (fake, their codes, their digits, d_loss) for the
         generator's turn. The fakes' two halves ask for the same digits, pair by pair (mode_seeking_penalty)."""
-        real, labels = data.batch(args.batch_size, run.generator)
-        real, labels = real.to(device), labels.to(device)
+        real, labels = data.batch(args.batch_size, run.generator)  # on the data's device
         fake_labels = labels[: len(labels) // 2].repeat(2)
         z = torch.randn(len(fake_labels), config.z_dim, device=device)
         fake = gen(z, fake_labels)
