@@ -9,6 +9,8 @@ Options (defaults in brackets):
   --concurrencies C ...     client threads, each sending its next request when the last is answered [1 4 8 16]
   --workers W ...           TorchServe workers per model; each gets cores // W torch threads (at least 1) [1 2]
   --batching off|on ...     off: batchSize 1; on: the batchSize of handlers/model-config/<model>.yaml [off on]
+  --cpu-launcher off|on ... on: a second TorchServe with cpu_launcher_enable=true, which starts each worker through
+                            torch.backends.xeon.run_cpu pinned to cores // W cores of its own [off]
   --requests N              measured requests per cell [64]
   --max-seconds S           per cell, no new request after S seconds (0: none) [120]
   --n-images N              images per request [1]
@@ -43,6 +45,9 @@ What is measured, in this order, on snapshots of checkpoints/<model> (the same w
             every 0.1 s). The archive is unregistered before the next.
   baseline  the seed's way: one diffusion request at a time, 1-image ancestral DDPM at --baseline-steps, on the
             1-worker, batching-off registration.
+  launcher  with --cpu-launcher ... on, every served cell again on a TorchServe whose workers the CPU launcher pins
+            (rank r of W on cores r*cores/W ..): TorchServe then restarts all of a model's workers on each scale call
+            to re-pin them, so the n-th worker's cold start includes restarting the others.
 Ratios are stored beside the absolute figures: each cell against raw at the same batch (the images one worker
 samples per call: n_images x min(batch size, concurrency / workers)) and at the best batch, batching on against
 off, and the served default against the baseline; `targets` checks the performance issue's goals on this run.
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrencies", nargs="+", type=int, default=[1, 4, 8, 16])
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     p.add_argument("--batching", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--cpu-launcher", nargs="+", choices=("off", "on"), default=["off"])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-seconds", type=float, default=120)
     p.add_argument("--n-images", type=int, default=1)
@@ -321,12 +327,14 @@ def measure_load(server: Server, name: str, body: dict[str, Any], concurrency: i
             "images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
             **{f"latency_{name}_s": round(float(np.percentile(latencies, q)), 4) if latencies else None
                for name, q in (("p50", 50), ("p95", 95), ("max", 100))},
-            "peak_rss_mb": rss.megabytes(), "workers_replaced": worker_pids(server, name) != pids}
+            "peak_rss_mb": rss.megabytes(), "workers_replaced": worker_pids(server, name) != pids,
+            "worker_cpus": [sorted(psutil.Process(pid).cpu_affinity()) for pid in pids]}
 
 
-def measure_served(server: Server, checkpoints: dict[str, Path], args: argparse.Namespace,
-                   cores: int) -> tuple[list[dict], list[dict]]:
-    """(cells, baseline rows): every model x workers x batching registration, each at every concurrency."""
+def measure_served(server: Server, checkpoints: dict[str, Path], args: argparse.Namespace, cores: int,
+                   launcher: str) -> tuple[list[dict], list[dict]]:
+    """(cells, baseline rows): every model x workers x batching registration, each at every concurrency; the
+    baseline only without the CPU launcher."""
     cells: list[dict] = []
     baseline: list[dict] = []
     archives: dict[tuple[str, int], tuple[str, str]] = {}
@@ -346,7 +354,7 @@ def measure_served(server: Server, checkpoints: dict[str, Path], args: argparse.
                     ClosedLoop(lambda: server.client(args.request_timeout, keep_alive=True), [(name, body)],
                                workers, 2 * workers, version=VERSION).wait()  # warm-up
                     group = {"model": model, "workers": workers, "threads_per_worker": threads,
-                             "batching": batching, "batch_size": described["batchSize"],
+                             "cpu_launcher": launcher, "batching": batching, "batch_size": described["batchSize"],
                              "max_batch_delay_ms": described["maxBatchDelay"], "n_images": args.n_images,
                              "cold_start_s": cold_start}
                     for concurrency in args.concurrencies:
@@ -356,7 +364,7 @@ def measure_served(server: Server, checkpoints: dict[str, Path], args: argparse.
                         print(f"served {cell_label(cell)}: {cell['images_per_s']} images/s, p50 "
                               f"{cell['latency_p50_s']} s, p95 {cell['latency_p95_s']} s, "
                               f"{cell['failures']} failed", flush=True)
-                    if model == "diffusion" and workers == 1 and batching == "off":
+                    if model == "diffusion" and workers == 1 and batching == "off" and launcher == "off":
                         baseline = measure_baseline(server, name, body, threads, args)
     return cells, baseline
 
@@ -393,7 +401,7 @@ def ratio(a: float, b: float) -> float | None:
 def add_ratios(result: dict[str, Any]) -> None:
     """Ratios beside the absolute figures: each cell against raw and batching off; the baseline against served."""
     cells = result["served"]
-    by_key = {(c["model"], c["workers"], c["batching"], c["concurrency"]): c for c in cells}
+    by_key = {(c["model"], c["workers"], launcher_of(c), c["batching"], c["concurrency"]): c for c in cells}
     for cell in cells:
         raw = result["raw"][cell["model"]]
         per_worker = math.ceil(cell["concurrency"] / cell["workers"])
@@ -401,10 +409,10 @@ def add_ratios(result: dict[str, Any]) -> None:
         cell["raw_batch"] = same["batch"]
         cell["ratio_to_raw_same_batch"] = ratio(cell["images_per_s"], same["images_per_s"])
         cell["ratio_to_raw_best"] = ratio(cell["images_per_s"], raw["best_images_per_s"])
-        off = by_key.get((cell["model"], cell["workers"], "off", cell["concurrency"]))
+        off = by_key.get((cell["model"], cell["workers"], launcher_of(cell), "off", cell["concurrency"]))
         cell["ratio_to_batching_off"] = ratio(cell["images_per_s"], off["images_per_s"]) if off else None
     # the baseline ran on the 1-worker, batching-off registration: compared with its concurrency-1 cell
-    served_default = by_key.get(("diffusion", 1, "off", 1))
+    served_default = by_key.get(("diffusion", 1, "off", "off", 1))
     best = max((c for c in cells if c["model"] == "diffusion"), key=lambda c: c["images_per_s"], default=None)
     for row in result["baseline"]:
         row["served_default_speedup"] = ratio(served_default["images_per_s"], row["images_per_s"]) \
@@ -442,9 +450,20 @@ def goal(what: str, value: float | None, relation: str, limit: float) -> dict[st
     return {"target": what, "value": value, "relation": relation, "limit": limit, "met": met}
 
 
+def launcher_of(cell: dict[str, Any]) -> str:
+    """Cells of runs made before --cpu-launcher existed ran without it."""
+    return cell.get("cpu_launcher", "off")
+
+
+def workers_label(cell: dict[str, Any]) -> str:
+    pinned = ", pinned" if launcher_of(cell) == "on" else ""
+    return f"{cell['workers']} x {cell['threads_per_worker']}{pinned}"
+
+
 def cell_label(cell: dict[str, Any]) -> str:
-    return (f"{cell['model']}, {cell['workers']} worker(s) x {cell['threads_per_worker']} thread(s), batching "
-            f"{cell['batching']}, concurrency {cell['concurrency']}")
+    pinned = " pinned by the CPU launcher" if launcher_of(cell) == "on" else ""
+    return (f"{cell['model']}, {cell['workers']} worker(s) x {cell['threads_per_worker']} thread(s){pinned}, "
+            f"batching {cell['batching']}, concurrency {cell['concurrency']}")
 
 
 # ---------------------------------------------------------------- the table and the plot
@@ -455,7 +474,7 @@ TABLE_HEADER = ["model", "workers x threads", "batch size", "concurrency", "requ
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [[c["model"], f"{c['workers']} x {c['threads_per_worker']}", c["batch_size"], c["concurrency"],
+    rows = [[c["model"], workers_label(c), c["batch_size"], c["concurrency"],
              c["requests"], c["images_per_s"], f"{c['ratio_to_raw_same_batch']} (batch {c['raw_batch']})",
              c["ratio_to_batching_off"] or "", c["latency_p50_s"], c["latency_p95_s"],
              " / ".join(map(str, c["peak_rss_mb"])), " / ".join(map(str, c["cold_start_s"]))]
@@ -478,7 +497,7 @@ def trial_label(settings: dict[str, bool]) -> str:
 
 
 COLOURS = {(1, "off"): (31, 119, 180), (1, "on"): (255, 127, 14), (2, "off"): (44, 160, 44), (2, "on"): (214, 39, 40)}
-OTHER_COLOURS = [(188, 189, 34), (23, 190, 207), (127, 127, 127)]
+OTHER_COLOURS = [(188, 189, 34), (23, 190, 207), (127, 127, 127), (0, 0, 0)]
 RAW_COLOUR, BASELINE_COLOURS = (90, 90, 90), [(148, 103, 189), (140, 86, 75), (227, 119, 194)]
 PANEL_W, PANEL_H, LINE_H = 520, 400, 14
 
@@ -501,7 +520,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, font, left: int, model: str, result: d
     """Title and legend on top, then the axes: concurrency evenly spaced, images/s from 0."""
     cells = [c for c in result["served"] if c["model"] == model]
     concurrencies = sorted({c["concurrency"] for c in cells})
-    series = sorted({(c["workers"], c["batching"]) for c in cells})
+    series = sorted({(c["workers"], c["batching"], launcher_of(c)) for c in cells})
     references = [(f"raw in-process, batch {result['raw'][model]['best_batch']}",
                    result["raw"][model]["best_images_per_s"], RAW_COLOUR)]
     references += [(f"DDPM {b['steps']} steps, one request at a time", b["images_per_s"],
@@ -521,15 +540,16 @@ def draw_panel(draw: ImageDraw.ImageDraw, font, left: int, model: str, result: d
     draw.text((x0, 8), f"{model}: images/s against concurrency", fill="black", font=font)
     legend_y = 28
     for number, key in enumerate(series):
-        colour = COLOURS.get(key, OTHER_COLOURS[number % len(OTHER_COLOURS)])
+        colour = (COLOURS.get(key[:2]) if key[2] == "off" else None) or OTHER_COLOURS[number % len(OTHER_COLOURS)]
         points = sorted((x_of(c["concurrency"]), y_of(c["images_per_s"])) for c in cells
-                        if (c["workers"], c["batching"]) == key)
+                        if (c["workers"], c["batching"], launcher_of(c)) == key)
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         draw.line([(x0, legend_y + 7), (x0 + 20, legend_y + 7)], fill=colour, width=2)
-        draw.text((x0 + 26, legend_y), f"{key[0]} worker(s), batching {key[1]}", fill=colour, font=font)
+        pinned = ", pinned" if key[2] == "on" else ""
+        draw.text((x0 + 26, legend_y), f"{key[0]} worker(s){pinned}, batching {key[1]}", fill=colour, font=font)
         legend_y += LINE_H
     for label, value, colour in references:
         dashed(draw, x0, x1, y_of(value), colour)
@@ -580,11 +600,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise ServingFailure(f"{model}: {error} (from --request, --raw-batches or --n-images)") from None
             print(f"raw {model}: {raw[model]['best_images_per_s']} images/s at batch {raw[model]['best_batch']}",
                   flush=True)
-        # running_server needs a model to start with; the first is unregistered before anything is measured.
-        (root / "server").mkdir()
-        with running_server(root / "server", models=args.models[:1], settings={"token_expiration_min": "10080"}) as server:
-            server.client().unregister(args.models[0], VERSION)
-            served, baseline = measure_served(server, checkpoints, args, cores)
+        served, baseline = [], []
+        for launcher in args.cpu_launcher:
+            # running_server needs a model to start with; the first is unregistered before anything is measured.
+            (root / f"server-launcher-{launcher}").mkdir()
+            settings = {"token_expiration_min": "10080", "cpu_launcher_enable": str(launcher == "on").lower()}
+            with running_server(root / f"server-launcher-{launcher}", models=args.models[:1],
+                                settings=settings) as server:
+                server.client().unregister(args.models[0], VERSION)
+                cells, rows = measure_served(server, checkpoints, args, cores, launcher)
+            served += cells
+            baseline += rows
     result = {
         "machine": dict(machine(torch.device("cpu")), torch_threads=cores, cores=cores,
                         load_average_1min_before=round(load_before, 2),

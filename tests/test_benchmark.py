@@ -112,6 +112,24 @@ def test_served_cells_are_positive_and_consistent(tiny):
         assert len(cell["peak_rss_mb"]) == cell["workers"] and min(cell["peak_rss_mb"]) > 50, label
         assert len(cell["cold_start_s"]) == cell["workers"] and min(cell["cold_start_s"]) > 0, label
         assert cell["workers_replaced"] is False, label
+        assert cell["cpu_launcher"] == "off" and len(cell["worker_cpus"]) == cell["workers"], label
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning two workers needs two cores")
+def test_the_cpu_launcher_pins_each_worker_to_cores_of_its_own(tmp_path):
+    """Two GAN workers on a server without and one with cpu_launcher_enable: TorchServe's launcher gives each worker
+    a disjoint share of the cores, where without it both may run anywhere."""
+    result = run("--tiny", "--models", "gan", "--workers", "2", "--batching", "on", "--concurrencies", "2",
+                 "--cpu-launcher", "off", "on", "--out", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
+                 timeout=400)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    cells = {c["cpu_launcher"]: c for c in json.loads((tmp_path / "b.json").read_text())["served"]}
+    cores = sorted(os.sched_getaffinity(0))
+    assert cells["off"]["worker_cpus"] == [cores, cores]
+    first, second = cells["on"]["worker_cpus"]
+    assert first and second and not set(first) & set(second) and set(first) | set(second) <= set(cores)
+    assert cells["on"]["failures"] == 0 and cells["on"]["images_per_s"] > 0
+    assert "| gan | 2 x 1, pinned |" in result.stdout
 
 
 def test_ratios_agree_with_the_absolute_figures(tiny):
