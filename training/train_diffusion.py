@@ -25,7 +25,7 @@ parser.add_argument("--compile", action="store_true",
 parser.add_argument("--serve-sampler", default="dpm++2m",
                     help="sampler default written to the served config (chosen by scripts/nfe_curve.py)")
 parser.add_argument("--serve-steps", type=int, default=20)
-parser.add_argument("--serve-guidance", type=float, default=3.5)
+parser.add_argument("--serve-guidance", type=float, default=4.0)
 
 
 def unet_config_from_args(args, data: ImageDataset) -> UNetConfig:
