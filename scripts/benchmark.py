@@ -316,6 +316,7 @@ def measure_load(server: Server, name: str, body: dict[str, Any], concurrency: i
                  timeout: float) -> dict[str, Any]:
     """One cell: images/s, latency percentiles and each worker's peak RSS under a closed loop of requests."""
     pids = worker_pids(server, name)
+    cpus = [sorted(psutil.Process(pid).cpu_affinity()) for pid in pids]  # set at worker start
     with PeakRss(pids) as rss:
         answers = ClosedLoop(lambda: server.client(timeout, keep_alive=True), [(name, body)], concurrency, total,
                              max_seconds, VERSION).wait()
@@ -327,8 +328,7 @@ def measure_load(server: Server, name: str, body: dict[str, Any], concurrency: i
             "images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
             **{f"latency_{name}_s": round(float(np.percentile(latencies, q)), 4) if latencies else None
                for name, q in (("p50", 50), ("p95", 95), ("max", 100))},
-            "peak_rss_mb": rss.megabytes(), "workers_replaced": worker_pids(server, name) != pids,
-            "worker_cpus": [sorted(psutil.Process(pid).cpu_affinity()) for pid in pids]}
+            "peak_rss_mb": rss.megabytes(), "workers_replaced": worker_pids(server, name) != pids, "worker_cpus": cpus}
 
 
 def measure_served(server: Server, checkpoints: dict[str, Path], args: argparse.Namespace, cores: int,
@@ -455,15 +455,16 @@ def launcher_of(cell: dict[str, Any]) -> str:
     return cell.get("cpu_launcher", "off")
 
 
+PINNED = {"off": "", "on": ", pinned"}  # by --cpu-launcher
+
+
 def workers_label(cell: dict[str, Any]) -> str:
-    pinned = ", pinned" if launcher_of(cell) == "on" else ""
-    return f"{cell['workers']} x {cell['threads_per_worker']}{pinned}"
+    return f"{cell['workers']} x {cell['threads_per_worker']}{PINNED[launcher_of(cell)]}"
 
 
 def cell_label(cell: dict[str, Any]) -> str:
-    pinned = " pinned by the CPU launcher" if launcher_of(cell) == "on" else ""
-    return (f"{cell['model']}, {cell['workers']} worker(s) x {cell['threads_per_worker']} thread(s){pinned}, "
-            f"batching {cell['batching']}, concurrency {cell['concurrency']}")
+    return (f"{cell['model']}, {cell['workers']} worker(s) x {cell['threads_per_worker']} thread(s)"
+            f"{PINNED[launcher_of(cell)]}, batching {cell['batching']}, concurrency {cell['concurrency']}")
 
 
 # ---------------------------------------------------------------- the table and the plot
@@ -496,7 +497,9 @@ def trial_label(settings: dict[str, bool]) -> str:
     return ", ".join(f"{name} {'on' if on else 'off'}" for name, on in settings.items()) or "default settings"
 
 
-COLOURS = {(1, "off"): (31, 119, 180), (1, "on"): (255, 127, 14), (2, "off"): (44, 160, 44), (2, "on"): (214, 39, 40)}
+# (workers, batching, cpu launcher) -> line colour; other series take OTHER_COLOURS in turn
+COLOURS = {(1, "off", "off"): (31, 119, 180), (1, "on", "off"): (255, 127, 14), (2, "off", "off"): (44, 160, 44),
+           (2, "on", "off"): (214, 39, 40)}
 OTHER_COLOURS = [(188, 189, 34), (23, 190, 207), (127, 127, 127), (0, 0, 0)]
 RAW_COLOUR, BASELINE_COLOURS = (90, 90, 90), [(148, 103, 189), (140, 86, 75), (227, 119, 194)]
 PANEL_W, PANEL_H, LINE_H = 520, 400, 14
@@ -540,7 +543,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, font, left: int, model: str, result: d
     draw.text((x0, 8), f"{model}: images/s against concurrency", fill="black", font=font)
     legend_y = 28
     for number, key in enumerate(series):
-        colour = (COLOURS.get(key[:2]) if key[2] == "off" else None) or OTHER_COLOURS[number % len(OTHER_COLOURS)]
+        colour = COLOURS.get(key, OTHER_COLOURS[number % len(OTHER_COLOURS)])
         points = sorted((x_of(c["concurrency"]), y_of(c["images_per_s"])) for c in cells
                         if (c["workers"], c["batching"], launcher_of(c)) == key)
         if len(points) > 1:
@@ -548,8 +551,8 @@ def draw_panel(draw: ImageDraw.ImageDraw, font, left: int, model: str, result: d
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         draw.line([(x0, legend_y + 7), (x0 + 20, legend_y + 7)], fill=colour, width=2)
-        pinned = ", pinned" if key[2] == "on" else ""
-        draw.text((x0 + 26, legend_y), f"{key[0]} worker(s){pinned}, batching {key[1]}", fill=colour, font=font)
+        draw.text((x0 + 26, legend_y), f"{key[0]} worker(s){PINNED[key[2]]}, batching {key[1]}", fill=colour,
+                  font=font)
         legend_y += LINE_H
     for label, value, colour in references:
         dashed(draw, x0, x1, y_of(value), colour)
