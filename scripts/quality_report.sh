@@ -14,7 +14,7 @@ EVAL="$PY -m training.evaluate"
 part=${1:-all}
 
 if [[ $part == all || $part == references ]]; then
-  $PY -m training.fid_references --n 1000 --test-sizes 1000
+  $PY -m training.fid_references --n 1000 2000 --test-sizes 1000 2500 5000 10000   # ~1.5 h here
 fi
 if [[ $part == all || $part == sweeps ]]; then
   # diffusion guidance settings at N = 500 (KID is unbiased at this N; FID only compares at equal N): DDIM 20 steps,

@@ -54,19 +54,29 @@ def quality_table(checkpoints: Path, docs: Path) -> str:
     return markdown_table(QUALITY_HEADER, rows)
 
 
-REFERENCE_HEADER = ["real images vs 10k training images", "N", "FID", "KID", "pixel std", "clipped"]
-
-
 def references_table(docs: Path) -> str:
+    """Test images against the training reference by N (and the fit's 50k-vs-10k figure), then the ladder of
+    degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
     refs = json.loads((docs / "quality" / "fid_references.json").read_text())
-    rows = [[f"test images (both sides {n})", n, f"{r['fid']:.2f}", f"{r['kid']:.4f}", "", ""]
+    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{r['kid']:.4f}"]
             for n, r in refs["test_vs_train_by_size"].items()]
-    rows += [[name, r["n"], f"{r['fid']:.1f}", f"{r['kid']:.4f}", f"{r['pixel_std']:.3f}",
-              f"{r['clipped_fraction']:.4f}"] for name, r in refs["ladder"].items()]
+    fit = refs.get("test_vs_train_extrapolated")
+    if fit:
+        sizes = "/".join(f"{n // 1000 if n % 1000 == 0 else n / 1000:g}k" for n in fit["fitted_sizes"])
+        rows.append([f"test images, {fit['target'][0]} vs {fit['target'][1]}: fit FID = a + c (1/n_1 + 1/n_2) "
+                     f"through {sizes}, a = {fit['a']:.2f}", f"{fit['fid']:.2f}", ""])
+    by_size = refs["ladder_by_size"]
+    sizes, largest = list(by_size), by_size[max(by_size, key=int)]
+    ladder_rows = [[name, *(cell for n in sizes for cell in (f"{by_size[n][name]['fid']:.1f}",
+                                                               f"{by_size[n][name]['kid']:.4f}")),
+                    f"{entry['pixel_std']:.3f}", f"{entry['clipped_fraction']:.4f}"] for name, entry in largest.items()]
     reference = refs["reference"]
-    rows.append(["(the 10k training reference itself)", reference["n"], "", "", f"{reference['pixel_std']:.3f}",
-                 f"{reference['clipped_fraction']:.4f}"])
-    return markdown_table(REFERENCE_HEADER, rows)
+    ladder_rows.append([f"(the {reference['n']} training images of the reference)", *([""] * 2 * len(sizes)),
+                        f"{reference['pixel_std']:.3f}", f"{reference['clipped_fraction']:.4f}"])
+    ladder_header = ["real images vs 10k training images", *(h for n in sizes for h in (f"FID, N = {n}", f"KID, N = {n}")),
+                     "pixel std", "clipped"]
+    return (markdown_table(["real images vs 10k training images", "FID", "KID"], rows) + "\n\n"
+            + markdown_table(ladder_header, ladder_rows))
 
 
 def ood_table(docs: Path) -> str:

@@ -88,3 +88,14 @@ def test_within_class_spread_is_zero_for_one_image_per_class_and_ignores_other_c
     copies = torch.cat([black, black, white, white])
     assert within_class_spread(copies, torch.tensor([0, 0, 1, 1])) == 0.0  # black and white apart, but per class
     assert within_class_spread(copies, torch.tensor([0, 1, 0, 1])) == 1.0  # black against white in each class
+
+
+def test_the_small_sample_bias_fit_recovers_a_line_and_ignores_sizes_below_its_range():
+    from training.fid_references import extrapolate
+    a, c = 1.5, 20000.0
+    by_size = {str(n): {"fid": a + c * 2 / n} for n in (2500, 5000, 10000)} | {"1000": {"fid": 99.0}}
+    fit = extrapolate(by_size)
+    assert fit["fitted_sizes"] == [2500, 5000, 10000]
+    assert fit["a"] == pytest.approx(a) and fit["c"] == pytest.approx(c)
+    assert fit["fid"] == pytest.approx(a + c * (1 / 50000 + 1 / 10000))
+    assert extrapolate({"10000": {"fid": 5.0}}) == {}

@@ -3,9 +3,11 @@
     python -m training.fid_references                 # -> docs/quality/fid_references.json
 
 Against the fixed 10k-image training reference of training/evaluate.py:
-- test images at 2.5k, 5k and 10k per side (both sides subsampled), showing how FID shrinks with N;
-- at --n images each: other training images, and those with contrast x1.4, blurred 2x and 4x
-  (averaged down and bilinearly up), with Gaussian noise of std 25/255, and uniform noise.
+- test images at 2.5k, 5k and 10k per side (both sides subsampled), showing how FID shrinks with N, and
+  the fit FID = a + c (1/n_test + 1/n_train) through them, extrapolated to the published 50k-vs-10k set-up;
+- at each --n (images per set): other training images, and those with contrast x1.4, blurred 2x and 4x
+  (averaged down and bilinearly up), with Gaussian noise of std 25/255, and uniform noise. The sets at a
+  smaller N are the first images of the largest set, so Inception runs once per set.
 Every entry gives FID, KID, pixel std and clipped fraction, so a generator's figures at the same
 N can be placed on this ladder.
 """
@@ -28,7 +30,7 @@ from training.fid import (frechet_distance, inception_features, kernel_inception
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data", type=Path, default=DEFAULT_PATHS["cifar10"], help="Keras-layout .npz archive")
 parser.add_argument("--reference-size", type=int, default=10000)
-parser.add_argument("--n", type=int, default=2000, help="images per degraded set")
+parser.add_argument("--n", type=int, nargs="+", default=[1000, 2000], help="images per degraded set, one ladder each")
 parser.add_argument("--test-sizes", type=int, nargs="*", default=[2500, 5000, 10000])
 parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality" / "fid_references.json")
 parser.add_argument("--threads", type=int, default=None)
@@ -58,6 +60,21 @@ def degraded_sets(other: torch.Tensor, generator: torch.Generator) -> dict[str, 
     }
 
 
+def extrapolate(by_size: dict[str, dict], target: tuple[int, int] = (50000, 10000), min_size: int = 2500) -> dict:
+    """Least-squares fit of FID = a + c (1/n_generated + 1/n_real), FID's small-sample bias, through the
+    test-vs-train entries of at least `min_size` per side, evaluated at `target` (n_generated, n_real): the
+    published set-up is 50k vs 10k."""
+    sizes = [int(n) for n in by_size if int(n) >= min_size]
+    if len(sizes) < 2:
+        return {}
+    x = torch.tensor([2 / n for n in sizes], dtype=torch.float64)
+    y = torch.tensor([by_size[str(n)]["fid"] for n in sizes], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    a, c = torch.linalg.lstsq(design, y[:, None]).solution.flatten().tolist()
+    return {"a": a, "c": c, "fitted_sizes": sizes, "target": list(target),
+            "fid": a + c * (1 / target[0] + 1 / target[1])}
+
+
 def entry(real: torch.Tensor, features: torch.Tensor, images: torch.Tensor | None = None) -> dict:
     kid, kid_std = kernel_inception_distance(real, features)
     out = {"n": len(features), "fid": frechet_distance(real, features), "kid": kid, "kid_std": kid_std}
@@ -71,7 +88,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     inception = load_inception()
     train, test = ImageDataset(args.data), ImageDataset(args.data, split="test")
-    reference_idx, other_idx = real_subsets(len(train), args.reference_size, args.n)
+    largest = max(args.n)
+    reference_idx, other_idx = real_subsets(len(train), args.reference_size, largest)
     real = reference_features(inception, train, args.reference_size)
     test_features = reference_features(inception, test, min(max(args.test_sizes, default=0), len(test)))
 
@@ -80,19 +98,23 @@ def main() -> None:
         subset = torch.randperm(len(real), generator=torch.Generator().manual_seed(n))[:n]
         by_size[str(n)] = entry(real[subset], test_features[:n])
     generator = torch.Generator().manual_seed(0)
-    ladder = {name: entry(real, inception_features(inception, images, args.batch_size, desc=name), images)
-              for name, images in degraded_sets(train.images[other_idx], generator).items()}
+    ladders: dict[str, dict] = {str(n): {} for n in sorted(args.n)}
+    for name, images in degraded_sets(train.images[other_idx], generator).items():
+        features = inception_features(inception, images, args.batch_size, desc=name)
+        for n in sorted(args.n):
+            ladders[str(n)][name] = entry(real, features[:n], images[:n])
     result = {
         "reference": {"split": "train", "n": args.reference_size, **pixel_statistics(train.images[reference_idx])},
         "test_vs_train_by_size": by_size,
-        "ladder": ladder,
+        "test_vs_train_extrapolated": extrapolate(by_size),
+        "ladder_by_size": ladders,
         "data_sha256": train.sha256,
         "machine": machine(torch.device("cpu")),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
-    print(json.dumps({k: round(v["fid"], 2) for k, v in (by_size | ladder).items()}, indent=1))
-
+    print(json.dumps({f"{name} at {n}": round(e["fid"], 2) for n, ladder in ladders.items() for name, e in ladder.items()}
+                     | {f"test at {n}": round(e["fid"], 2) for n, e in by_size.items()}, indent=1))
 
 if __name__ == "__main__":
     main()
