@@ -58,7 +58,7 @@ def references_table(docs: Path) -> str:
     """Test images against the training reference by N (and the fit's 50k-vs-10k figure), then the ladder of
     degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
     refs = json.loads((docs / "quality" / "fid_references.json").read_text())
-    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{r['kid']:.4f}"]
+    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}"]
             for n, r in refs["test_vs_train_by_size"].items()]
     fit = refs.get("test_vs_train_extrapolated")
     if fit:

@@ -68,10 +68,12 @@ def test_former_server_errors_are_refused(server, model, body):
 
 @pytest.mark.server
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="TorchServe 0.12's frontend (Netty's form decoder) answers 500 to a form body with a "
-                          "malformed %-escape, before any handler runs (found by the fuzzer)")
-def test_form_body_with_a_malformed_escape_is_refused(server):
-    response = post(server, "/predictions/gan", b"n_images=%zz", "application/x-www-form-urlencoded")
+                   reason="TorchServe 0.12's frontend (Netty's form decoder) answers 500 to a form body it cannot "
+                          "decode, before any handler runs (both found by the fuzzer)")
+@pytest.mark.parametrize("path, body", [("/predictions/gan", b"n_images=%zz"),  # a malformed %-escape
+                                        ("/explanations/ebm", b"&BV\x12E\xc8")])  # bytes that are not UTF-8
+def test_undecodable_form_body_is_refused(server, path, body):
+    response = post(server, path, body, "application/x-www-form-urlencoded")
     assert refusal_problem(response) is None, f"{response.status_code} {response.text[:200]}"
 
 
