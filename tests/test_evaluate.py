@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,18 @@ def test_blur_keeps_flat_colour_and_removes_fine_detail():
     blurred = blur(checkerboard.expand(1, 1, 28, 28))
     assert blurred.shape == (1, 1, 28, 28) and blurred.dtype == torch.uint8
     assert int(blurred.max()) - int(blurred.min()) <= 2  # 2x2 detail averages out to grey
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_blur_is_pils_bilinear_resize_down_and_up(factor):
+    from PIL import Image
+    images = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(factor), dtype=torch.uint8)
+    small = 32 // factor
+    pil = torch.from_numpy(np.stack([
+        np.asarray(Image.fromarray(image).resize((small, small), Image.BILINEAR).resize((32, 32), Image.BILINEAR))
+        for image in images.permute(0, 2, 3, 1).numpy()])).permute(0, 3, 1, 2)
+    difference = (blur(images, factor).int() - pil.int()).abs()
+    assert difference.float().mean() < 0.5 and difference.max() <= 2  # PIL rounds in fixed point
 
 
 @pytest.mark.parametrize("model, dataset", [("gan", "mnist"), ("ebm", "cifar10"), ("diffusion", "cifar10")])

@@ -155,9 +155,13 @@ def progress_path(args: argparse.Namespace, weights_sha256: str | None, params: 
 
 
 def blur(images: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """uint8 NCHW images averaged down by `factor` and bilinearly up again."""
-    small = F.avg_pool2d(images.float(), factor, ceil_mode=True)
-    return F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False).round().to(torch.uint8)
+    """uint8 NCHW images resized down by `factor` and up again, both bilinear as PIL's `resize` does it (shrinking
+    with its antialiased filter, which spans 2 x factor pixels): the common 'blurred 2x / 4x' of FID references."""
+    height, width = images.shape[-2:]
+    small = F.interpolate(images.float(), size=(height // factor, width // factor), mode="bilinear",
+                          antialias=True, align_corners=False).round().clamp(0, 255)
+    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).round().clamp(0, 255).to(
+        torch.uint8)
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -33,6 +33,8 @@ parser.add_argument("--reference-size", type=int, default=10000)
 parser.add_argument("--n", type=int, nargs="+", default=[1000, 2000], help="images per degraded set, one ladder each")
 parser.add_argument("--test-sizes", type=int, nargs="*", default=[2500, 5000, 10000])
 parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality" / "fid_references.json")
+parser.add_argument("--only", nargs="+", metavar="SET", default=None,
+                    help="measure only these degraded sets again (e.g. 'blurred 2x'), keeping the others from --out")
 parser.add_argument("--threads", type=int, default=None)
 parser.add_argument("--batch-size", type=int, default=100)
 
@@ -98,19 +100,28 @@ def main() -> None:
         subset = torch.randperm(len(real), generator=torch.Generator().manual_seed(n))[:n]
         by_size[str(n)] = entry(real[subset], test_features[:n])
     generator = torch.Generator().manual_seed(0)
+    sets = degraded_sets(train.images[other_idx], generator)  # every set is drawn, so each keeps its own noise
+    previous = json.loads(args.out.read_text()) if args.only else {}
+    unknown = set(args.only or []) - set(sets)
+    if unknown:
+        raise SystemExit(f"unknown sets {sorted(unknown)}; the sets are {list(sets)}")
     ladders: dict[str, dict] = {str(n): {} for n in sorted(args.n)}
-    for name, images in degraded_sets(train.images[other_idx], generator).items():
+    for name, images in sets.items():
+        if args.only and name not in args.only:
+            for n in ladders:
+                ladders[n][name] = previous["ladder_by_size"][n][name]
+            continue
         features = inception_features(inception, images, args.batch_size, desc=name)
         for n in sorted(args.n):
             ladders[str(n)][name] = entry(real, features[:n], images[:n])
+    run = {"machine": machine(torch.device("cpu")), "wall_seconds": round(time.monotonic() - started, 1)}
     result = {
         "reference": {"split": "train", "n": args.reference_size, **pixel_statistics(train.images[reference_idx])},
         "test_vs_train_by_size": by_size,
         "test_vs_train_extrapolated": extrapolate(by_size),
         "ladder_by_size": ladders,
         "data_sha256": train.sha256,
-        "machine": machine(torch.device("cpu")),
-        "wall_seconds": round(time.monotonic() - started, 1),
+        **({key: previous[key] for key in run} | {"remeasured": {"sets": args.only, **run}} if args.only else run),
     }
     atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps({f"{name} at {n}": round(e["fid"], 2) for n, ladder in ladders.items() for name, e in ladder.items()}
