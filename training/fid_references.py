@@ -115,17 +115,20 @@ def main() -> None:
         for n in sorted(args.n):
             ladders[str(n)][name] = entry(real, features[:n], images[:n])
     run = {"machine": machine(torch.device("cpu")), "wall_seconds": round(time.monotonic() - started, 1)}
+    if args.only:  # the kept rungs' run stays the file's; this one is recorded beside it
+        run = {key: previous[key] for key in run} | {"remeasured": {"sets": args.only, **run}}
     result = {
         "reference": {"split": "train", "n": args.reference_size, **pixel_statistics(train.images[reference_idx])},
         "test_vs_train_by_size": by_size,
         "test_vs_train_extrapolated": extrapolate(by_size),
         "ladder_by_size": ladders,
         "data_sha256": train.sha256,
-        **({key: previous[key] for key in run} | {"remeasured": {"sets": args.only, **run}} if args.only else run),
+        **run,
     }
     atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps({f"{name} at {n}": round(e["fid"], 2) for n, ladder in ladders.items() for name, e in ladder.items()}
                      | {f"test at {n}": round(e["fid"], 2) for n, e in by_size.items()}, indent=1))
+
 
 if __name__ == "__main__":
     main()
