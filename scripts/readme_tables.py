@@ -62,7 +62,7 @@ def references_table(docs: Path) -> str:
             for n, r in refs["test_vs_train_by_size"].items()]
     fit = refs.get("test_vs_train_extrapolated")
     if fit:
-        sizes = "/".join(f"{n // 1000 if n % 1000 == 0 else n / 1000:g}k" for n in fit["fitted_sizes"])
+        sizes = "/".join(f"{n / 1000:g}k" for n in fit["fitted_sizes"])
         rows.append([f"test images, {fit['target'][0]} vs {fit['target'][1]}: fit FID = a + c (1/n_1 + 1/n_2) "
                      f"through {sizes}, a = {fit['a']:.2f}", f"{fit['fid']:.2f}", ""])
     by_size = refs["ladder_by_size"]

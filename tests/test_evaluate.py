@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from generators.checkpoint import load_checkpoint
 from generators.pipelines import load_pipeline
@@ -80,7 +81,6 @@ def test_blur_keeps_flat_colour_and_removes_fine_detail():
 
 @pytest.mark.parametrize("factor", [2, 4])
 def test_blur_is_pils_bilinear_resize_down_and_up(factor):
-    from PIL import Image
     images = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(factor), dtype=torch.uint8)
     small = 32 // factor
     pil = torch.from_numpy(np.stack([

@@ -6,8 +6,8 @@ Against the fixed 10k-image training reference of training/evaluate.py:
 - test images at 2.5k, 5k and 10k per side (both sides subsampled), showing how FID shrinks with N, and
   the fit FID = a + c (1/n_test + 1/n_train) through them, extrapolated to the published 50k-vs-10k set-up;
 - at each --n (images per set): other training images, and those with contrast x1.4, blurred 2x and 4x
-  (averaged down and bilinearly up), with Gaussian noise of std 25/255, and uniform noise. The sets at a
-  smaller N are the first images of the largest set, so Inception runs once per set.
+  (resized down and up again as PIL's bilinear resize does), with Gaussian noise of std 25/255, and uniform
+  noise. The sets at a smaller N are the first images of the largest set, so Inception runs once per set.
 Every entry gives FID, KID, pixel std and clipped fraction, so a generator's figures at the same
 N can be placed on this ladder.
 """
@@ -90,8 +90,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     inception = load_inception()
     train, test = ImageDataset(args.data), ImageDataset(args.data, split="test")
-    largest = max(args.n)
-    reference_idx, other_idx = real_subsets(len(train), args.reference_size, largest)
+    reference_idx, other_idx = real_subsets(len(train), args.reference_size, max(args.n))
     real = reference_features(inception, train, args.reference_size)
     test_features = reference_features(inception, test, min(max(args.test_sizes, default=0), len(test)))
 
@@ -101,19 +100,22 @@ def main() -> None:
         by_size[str(n)] = entry(real[subset], test_features[:n])
     generator = torch.Generator().manual_seed(0)
     sets = degraded_sets(train.images[other_idx], generator)  # every set is drawn, so each keeps its own noise
+    ladders: dict[str, dict] = {str(n): {} for n in sorted(args.n)}
     previous = json.loads(args.out.read_text()) if args.only else {}
     unknown = set(args.only or []) - set(sets)
     if unknown:
         raise SystemExit(f"unknown sets {sorted(unknown)}; the sets are {list(sets)}")
-    ladders: dict[str, dict] = {str(n): {} for n in sorted(args.n)}
+    if args.only and set(previous["ladder_by_size"]) != set(ladders):
+        raise SystemExit(f"--only keeps the other sets from {args.out}, which holds N = "
+                         f"{list(previous['ladder_by_size'])}: pass the same --n")
     for name, images in sets.items():
         if args.only and name not in args.only:
             for n in ladders:
                 ladders[n][name] = previous["ladder_by_size"][n][name]
             continue
         features = inception_features(inception, images, args.batch_size, desc=name)
-        for n in sorted(args.n):
-            ladders[str(n)][name] = entry(real, features[:n], images[:n])
+        for n in ladders:
+            ladders[n][name] = entry(real, features[:int(n)], images[:int(n)])
     run = {"machine": machine(torch.device("cpu")), "wall_seconds": round(time.monotonic() - started, 1)}
     if args.only:  # the kept rungs' run stays the file's; this one is recorded beside it
         run = {key: previous[key] for key in run} | {"remeasured": {"sets": args.only, **run}}
