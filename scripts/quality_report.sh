@@ -5,7 +5,7 @@
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 # With a GPU but without the data or the FID network there (the EBM's 10k row, diffusion's guidance-3.5
-# 10k row and the committed nfe sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
+# 10k row and the committed nfe and snr sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
 # run the same commands here without --sample-only; they measure those samples and record the machine that drew them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,12 +28,27 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-guidance-4 '{}'   # the served default (its row below is at N = 10,000)
   sweep dpm-guidance-3 '{"guidance_scale": 3}'
   sweep dpm-guidance-2 '{"guidance_scale": 2}'
+  # guidance over an interval of noise levels and guidance rescale, on the served sampler and weights
+  sweep dpm-guidance-4-interval '{"guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-interval '{"guidance_scale": 5, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep dpm-guidance-6-interval '{"guidance_scale": 6, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-high-off '{"guidance_scale": 5, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-rescale '{"guidance_scale": 5, "guidance_rescale": 0.7}'
+  sweep dpm-guidance-6-rescale '{"guidance_scale": 6, "guidance_rescale": 0.7}'
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector
-  # steps, +-guidance, and 100 levels x 2. N = 500 each; the batch size names the samples (keep it to reproduce)
-  $PY scripts/nfe_curve.py --n-samples 500 --batch-size 500
-  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 500
+  # steps, +-guidance, and 100 levels x 2. N = 500 each; the batch size names the samples (keep it to reproduce
+  # the committed rows' directories; at 50 images per class both sizes draw the same batches, so the same images)
+  $PY scripts/nfe_curve.py --n-samples 500 --batch-size 500 --guidance 3.5 1   # the default guidance then, and none
+  $PY scripts/nfe_curve.py --n-samples 500 --guidance 4                         # the served guidance, added later
+  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 500 --guidance 2 1   # guidance 2: the default then
+  # the EBM corrector's step size (snr) by guidance scale at 20 levels x 1 corrector step (which chose the served
+  # guidance 4, snr 0.25); the guidance 4 and 5 rows were drawn with training/evaluate.py's batch size, 50
+  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --series snr=0.1,0.16,0.25,0.35 --x levels=20 \
+    --guidance 2 3 --reference '' --out docs/quality/ebm_snr_guidance.json
+  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 50 --series snr=0.16,0.25 --x levels=20 \
+    --guidance 4 5 --reference '' --out docs/quality/ebm_snr_guidance.json
 fi
 if [[ $part == all || $part == served ]]; then
   # DPM++2M 20 steps (chosen from the nfe part), guidance 4 (from the sweeps and the two 10k rows): ~1 h of sampling
@@ -42,8 +57,14 @@ if [[ $part == all || $part == served ]]; then
   # the default before, guidance 3.5: its samples were drawn on a GPU in batches of 500 (the batch size names them)
   $EVAL --model diffusion --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 3.5}' \
     --out docs/quality/diffusion-guidance-3.5-at-10000.json
-  $EVAL --model ebm --n-samples 10000 --batch-size 500  # about 1 s per guided sample on 2 cores: ~3 h here
-  $EVAL --model ebm --n-samples 1000 --out docs/quality/ebm-served-default-at-1000.json   # ~20 min
+  # the EBM's served default (guidance 4, snr 0.25, chosen from ebm_snr_guidance.json) and the one before it
+  # (guidance 2, snr 0.16); about 1 s per guided sample on 2 cores: ~3 h each here (both were drawn on a GPU in
+  # batches of 500, as was diffusion's guidance-3.5 row; the batch size names them)
+  $EVAL --model ebm --n-samples 10000 --batch-size 500
+  $EVAL --model ebm --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 2, "snr": 0.16}' \
+    --out docs/quality/ebm-guidance-2-at-10000.json
+  $EVAL --model ebm --n-samples 1000 --params '{"guidance_scale": 2, "snr": 0.16}' \
+    --out docs/quality/ebm-guidance-2-at-1000.json   # ~20 min
   $EVAL --model gan --n-samples 1000 --reference-size 1000  # MNIST: FID-M is the figure the GAN targets
   # every digit at 1,000 samples, without Inception (a minute): the per-digit accuracy target
   $EVAL --model gan --n-samples 10000 --reference-size 1000 --no-fid --out docs/quality/gan-class-accuracy-at-10000.json

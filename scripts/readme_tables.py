@@ -9,8 +9,8 @@ weights), then docs/quality/<model>-*.json (baselines and other settings of the 
 The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py), the
 EBM's out-of-distribution table from docs/quality/ebm_ood.json (training/ebm_ood.py).
 Speed rows come from docs/sampling_speed.json (scripts/sample_report.py), the serving benchmark's from
-docs/benchmark.json (scripts/benchmark.py), the samplers' quality against cost from docs/quality/nfe_curve.json
-and ebm_nfe_curve.json (scripts/nfe_curve.py). Each table sits between
+docs/benchmark.json (scripts/benchmark.py), the samplers' quality against cost from docs/quality/nfe_curve.json,
+ebm_nfe_curve.json and ebm_snr_guidance.json (scripts/nfe_curve.py). Each table sits between
 `<!-- name -->` and `<!-- /name -->` markers in the README.
 """
 from __future__ import annotations
@@ -182,6 +182,7 @@ def main() -> None:
     updated = replace_between_markers(updated, "benchmark-table", benchmark_table(args.docs))
     updated = replace_between_markers(updated, "nfe-table", nfe_table(args.docs / "quality" / "nfe_curve.json"))
     updated = replace_between_markers(updated, "ebm-nfe-table", nfe_table(args.docs / "quality" / "ebm_nfe_curve.json"))
+    updated = replace_between_markers(updated, "ebm-snr-table", nfe_table(args.docs / "quality" / "ebm_snr_guidance.json"))
     updated = replace_between_markers(updated, "machines", machines_line(args.checkpoints, args.docs))
     if args.check:
         if updated != text:
