@@ -14,7 +14,7 @@ from generators.pipelines import load_pipeline
 from tests.synthetic import CIFAR_CLASSES, tiny_checkpoint, write_npz
 from training import evaluate
 from training.classifiers import classify, load_classifier
-from training.evaluate import blur
+from training.evaluate import blur, describe_sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28)}
@@ -177,3 +177,12 @@ def test_samples_drawn_elsewhere_are_measured_as_if_drawn_here(classifiers, tmp_
         assert later[key] == direct[key], key
     assert later["sampling_machine"]["cpu"] == later["machine"]["cpu"] and later["sampling_machine"]["device"] == "cpu"
     assert list((tmp_path / "elsewhere").iterdir()) == []  # measured samples are not kept
+
+
+def test_describe_sampling_names_a_guidance_interval_and_rescale():
+    served = {"sampler": "dpm++2m", "steps": 20, "guidance_scale": 4.0, "guidance_t_min": 0, "guidance_t_max": 999,
+              "guidance_rescale": 0.0}
+    assert describe_sampling(served, True) == "DPM++2M 20 steps, guidance 4"
+    limited = {**served, "guidance_t_min": 167, "guidance_t_max": 882, "guidance_rescale": 0.7}
+    assert describe_sampling(limited, True) == "DPM++2M 20 steps, guidance 4 at t 167-882, rescale 0.7"
+    assert describe_sampling(limited, False) == "DPM++2M 20 steps, unconditional"

@@ -88,6 +88,7 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 # ---- images
 
+FULL_GUIDANCE_T_MAX = 999  # the last timestep of a 1000-step schedule: guidance over every step
 PROGRESS_STATE = "state.safetensors"  # in a progress directory: batches done and the random state after them
 
 
@@ -187,11 +188,16 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
-    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2',
+    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2 at t 167-882, rescale 0.7',
     'Langevin 20 levels, 1 corrector step, snr 0.16, guidance 2'."""
     if "sampler" not in params and "levels" not in params:
         return "one forward pass"
     guidance = f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
+    t_min, t_max = params.get("guidance_t_min", 0), params.get("guidance_t_max", FULL_GUIDANCE_T_MAX)
+    if conditional and (t_min > 0 or t_max < FULL_GUIDANCE_T_MAX):
+        guidance += f" at t {t_min}-{t_max}"
+    if conditional and params.get("guidance_rescale"):
+        guidance += f", rescale {params['guidance_rescale']:g}"
     if "sampler" in params:
         return f"{params['sampler'].upper()} {params['steps']} steps" + guidance
     corrector = f"{params['corrector_steps']} corrector step{'s' if params['corrector_steps'] != 1 else ''}"
