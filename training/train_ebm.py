@@ -33,8 +33,8 @@ parser.add_argument("--init-from", type=Path, default=None,
                     help="diffusion checkpoint whose UNet starts the energy (ignored when resuming)")
 parser.add_argument("--serve-levels", type=int, default=20, help="noise levels of the served Langevin sampler")
 parser.add_argument("--serve-corrector-steps", type=int, default=1)
-parser.add_argument("--serve-snr", type=float, default=0.16)
-parser.add_argument("--serve-guidance", type=float, default=2.0)
+parser.add_argument("--serve-snr", type=float, default=0.25, help="chosen by the snr x guidance sweep (README)")
+parser.add_argument("--serve-guidance", type=float, default=4.0)
 parser.add_argument("--score-timestep", type=int, default=0,
                     help="noise level at which the served model scores posted images")
 
