@@ -32,7 +32,11 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-guidance-4-interval '{"guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
   sweep dpm-guidance-5-interval '{"guidance_scale": 5, "guidance_t_min": 167, "guidance_t_max": 882}'
   sweep dpm-guidance-6-interval '{"guidance_scale": 6, "guidance_t_min": 167, "guidance_t_max": 882}'
-  sweep dpm-guidance-5-high-off '{"guidance_scale": 5, "guidance_t_max": 882}'
+  sweep dpm-guidance-4.5-off-above-882 '{"guidance_scale": 4.5, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-off-above-882 '{"guidance_scale": 5, "guidance_t_max": 882}'
+  sweep dpm-guidance-6-off-above-882 '{"guidance_scale": 6, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-off-above-800 '{"guidance_scale": 5, "guidance_t_max": 800}'
+  sweep dpm-guidance-5-off-above-940 '{"guidance_scale": 5, "guidance_t_max": 940}'
   sweep dpm-guidance-5-rescale '{"guidance_scale": 5, "guidance_rescale": 0.7}'
   sweep dpm-guidance-6-rescale '{"guidance_scale": 6, "guidance_rescale": 0.7}'
 fi
