@@ -58,6 +58,7 @@ def references_table(docs: Path) -> str:
     """Test images against the training reference by N (and the fit's 50k-vs-10k figure), then the ladder of
     degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
     refs = json.loads((docs / "quality" / "fid_references.json").read_text())
+    # + 0.0 turns a KID that rounds to -0.0 into 0.0000; a KID below -0.00005 keeps its sign
     rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}"]
             for n, r in refs["test_vs_train_by_size"].items()]
     fit = refs.get("test_vs_train_extrapolated")

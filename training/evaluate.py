@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from generators.checkpoint import atomic_write_bytes
+from generators.gaussian_diffusion import ScheduleConfig
 from generators.imaging import to_uint8
 from generators.params import validate
 from generators.pipelines import Pipeline, load_pipeline
@@ -88,7 +89,6 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 # ---- images
 
-FULL_GUIDANCE_T_MAX = 999  # the last timestep of a 1000-step schedule: guidance over every step
 PROGRESS_STATE = "state.safetensors"  # in a progress directory: batches done and the random state after them
 
 
@@ -193,8 +193,9 @@ def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
     if "sampler" not in params and "levels" not in params:
         return "one forward pass"
     guidance = f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
-    t_min, t_max = params.get("guidance_t_min", 0), params.get("guidance_t_max", FULL_GUIDANCE_T_MAX)
-    if conditional and (t_min > 0 or t_max < FULL_GUIDANCE_T_MAX):
+    last = ScheduleConfig().num_train_timesteps - 1  # the served schedule's: guidance_t_max's default
+    t_min, t_max = params.get("guidance_t_min", 0), params.get("guidance_t_max", last)
+    if conditional and (t_min > 0 or t_max < last):
         guidance += f" at t {t_min}-{t_max}"
     if conditional and params.get("guidance_rescale"):
         guidance += f", rescale {params['guidance_rescale']:g}"
