@@ -182,7 +182,7 @@ def raw_rows(pipeline, body: dict[str, Any], batches: list[int], min_seconds: fl
         params = validate(dict(body, n_images=batch, seed=0), pipeline.param_specs())
         pipeline.check_work(params)
         calls, seconds, first = time_sampling(pipeline, params, min_seconds)
-        rows.append({"batch": batch, "calls": calls, "images": calls * batch, "seconds": round(seconds, 3),
+        rows.append({"batch": batch, "calls": calls, "images": calls * batch, "seconds": round(seconds, 6),
                      "images_per_s": round(calls * batch / seconds, 3), "first_call_s": round(first, 3)})
     return rows
 
@@ -325,7 +325,7 @@ def measure_load(server: Server, name: str, body: dict[str, Any], concurrency: i
     seconds = max(a.ended for a in answers) - min(a.started for a in answers)
     images = len(answered) * body["n_images"]
     return {"concurrency": concurrency, "requests": len(answers), "failures": len(answers) - len(answered),
-            "images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
+            "images": images, "seconds": round(seconds, 6), "images_per_s": round(images / seconds, 3),
             **{f"latency_{name}_s": round(float(np.percentile(latencies, q)), 4) if latencies else None
                for name, q in (("p50", 50), ("p95", 95), ("max", 100))},
             "peak_rss_mb": rss.megabytes(), "workers_replaced": worker_pids(server, name) != pids, "worker_cpus": cpus}
