@@ -34,6 +34,7 @@ class LangevinConfig:
     corrector_steps: int = 1  # Langevin steps on the energy at each level
     snr: float = 0.16  # corrector step size as a signal-to-noise ratio (Song et al. 2021)
     guidance_scale: float = 1.0  # E_null + w (E_y - E_null) when a class is asked
+    timestep_spacing: str = "trailing"  # which levels: see generators/schedulers.py
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +98,7 @@ def annealed_langevin(model: EnergyModel, n: int, labels: torch.Tensor | None, s
     device = model.alphas_cumprod.device
     c = model.unet.config
     noise = Noise.of(noise, n)
-    predictor = DDIMScheduler(model.alphas_cumprod.double().cpu())
+    predictor = DDIMScheduler(model.alphas_cumprod.double().cpu(), settings.timestep_spacing)
     predictor.set_timesteps(settings.levels)
     x = noise.randn((c.in_channels, c.image_size, c.image_size), device)
     if labels is not None:

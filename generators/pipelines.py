@@ -21,7 +21,7 @@ from generators.gan import GANConfig, Generator
 from generators.guidance import Guidance
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
 from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, PNGImagesParam, describe
-from generators.schedulers import SCHEDULERS, Noise, make_scheduler
+from generators.schedulers import SCHEDULERS, SPACINGS, Noise, make_scheduler
 from generators.unet import UNet, UNetConfig
 
 Progress = Callable[[int, int], None]  # (steps done, total steps), called after every sampling step
@@ -32,14 +32,15 @@ MAX_IMAGES = int(next(p.high for p in COMMON_PARAMS if p.name == "n_images"))  #
 @torch.no_grad()
 def sample_diffusion(unet: UNet, alpha_bar: torch.Tensor, sampler: str, steps: int, n: int,
                      labels: torch.Tensor | None, guidance: Guidance,
-                     noise: Noise | torch.Generator | None, progress: Progress | None = None) -> torch.Tensor:
+                     noise: Noise | torch.Generator | None, progress: Progress | None = None,
+                     timestep_spacing: str = "trailing") -> torch.Tensor:
     """Reverse diffusion from pure noise; classifier-free guidance when labels are given, at the steps
     where `guidance` is active. Every random draw comes from `noise` (one generator, or one per request);
     `progress` hears of each finished step, so a long request can report how far it is."""
     device = next(unet.parameters()).device
     c = unet.config
     noise = Noise.of(noise, n)
-    scheduler = make_scheduler(sampler, alpha_bar)
+    scheduler = make_scheduler(sampler, alpha_bar, timestep_spacing)
     scheduler.set_timesteps(steps)
     x = noise.randn((c.in_channels, c.image_size, c.image_size), device)
     if labels is not None:
@@ -69,6 +70,13 @@ def class_params(class_names: list[str], default_guidance: float) -> list[Param]
         Param("guidance_scale", float, default_guidance, 0.0, 20.0,
               help="classifier-free guidance with class_label; 1 = plain conditional"),
     ]
+
+
+def spacing_param(default: str) -> Param:
+    """timestep_spacing, for both models that walk down the diffusion schedule's noise levels."""
+    return Param("timestep_spacing", str, default, choices=SPACINGS,
+                 help="which noise levels the steps visit, from the highest: linspace evenly down to the "
+                      "lowest (finer detail), trailing 1000/steps apart, stopping 1000/steps above it")
 
 
 def guided(params: dict[str, Any]) -> bool:
@@ -202,6 +210,7 @@ class DiffusionPipeline(Pipeline):
             Param("sampler", str, self.defaults["sampler"], choices=tuple(SCHEDULERS),
                   help="ddpm: ancestral (stochastic); ddim: deterministic given the seed; "
                        "dpm++2m: deterministic, second order (DPM-Solver++(2M)), same cost per step as ddim"),
+            spacing_param(self.defaults.get("timestep_spacing", "trailing")),
         ]
         if not self.class_names:
             return specs
@@ -230,7 +239,7 @@ class DiffusionPipeline(Pipeline):
         """Steps that pay for the unconditional evaluation as well."""
         if "class_label" not in params:
             return 0
-        scheduler = make_scheduler(params["sampler"], self.alpha_bar)
+        scheduler = make_scheduler(params["sampler"], self.alpha_bar, params["timestep_spacing"])
         scheduler.set_timesteps(params["steps"])
         guidance = self.guidance(params)
         return sum(guidance.active(t) for t in scheduler.timesteps)
@@ -240,14 +249,15 @@ class DiffusionPipeline(Pipeline):
 
     def group_key(self, params):
         # Guidance that acts at no step leaves the plain conditional (or, without a label, unconditional) step.
-        return params["sampler"], params["steps"], self.guidance(params) if self.guided_steps(params) else None
+        return (params["sampler"], params["steps"], params["timestep_spacing"],
+                self.guidance(params) if self.guided_steps(params) else None)
 
     def sample_group(self, requests, generators, progress=None):
         first = requests[0]
         return sample_diffusion(self.unet, self.alpha_bar, first["sampler"], first["steps"],
                                 sum(params["n_images"] for params in requests),
                                 class_labels(requests, self.unet.null_class), self.guidance(first),
-                                request_noise(requests, generators), progress)
+                                request_noise(requests, generators), progress, first["timestep_spacing"])
 
 
 class EBMPipeline(Pipeline):
@@ -271,6 +281,7 @@ class EBMPipeline(Pipeline):
                   help="noise levels of annealed Langevin, each one reverse step"),
             Param("corrector_steps", int, d.corrector_steps, 0, 10, help="Langevin steps on the energy per level"),
             Param("snr", float, d.snr, 0.0, 1.0, help="Langevin step size as a signal-to-noise ratio"),
+            spacing_param(d.timestep_spacing),
         ] + class_params(self.class_names, d.guidance_scale)
 
     def work(self, params):
@@ -279,7 +290,8 @@ class EBMPipeline(Pipeline):
     def settings(self, params: dict[str, Any]) -> LangevinConfig:
         """The request's Langevin settings; an unguided request's scale is 1 (its guidance_scale is then unused)."""
         return LangevinConfig(levels=params["levels"], corrector_steps=params["corrector_steps"], snr=params["snr"],
-                              guidance_scale=params["guidance_scale"] if guided(params) else 1.0)
+                              guidance_scale=params["guidance_scale"] if guided(params) else 1.0,
+                              timestep_spacing=params["timestep_spacing"])
 
     def group_key(self, params):
         return tuple(self.settings(params).to_dict().values())

@@ -1,7 +1,12 @@
 """Reverse-process step rules, each an object with `set_timesteps` and `step`.
 
-A scheduler only needs the training schedule's alpha_bar; it runs any subset of
-the training timesteps ("trailing" spacing, so the first step is always t=T-1).
+A scheduler only needs the training schedule's alpha_bar; it runs any subset of the training timesteps,
+always starting at t=T-1 and spaced by one of `SPACINGS` (diffusers' names):
+- "trailing": T/steps apart, ending at t=T/steps-1 (t=49 at 20 steps), from where the last step jumps
+  straight to the clean image;
+- "linspace": evenly from T-1 down to 0, so the last network evaluation sees the least noise the network was
+  trained on and the final jump to x_0 is tiny. At 20 DPM-Solver++ steps of the served CIFAR-10 model it
+  lowers KID by about a third at the same cost (README, section 5).
 The predicted x_0 is clipped to the data range [-1, 1] at every step, except where no signal is left
 (alpha_bar below `zero_signal_alpha_bar`; the cosine schedule's last few timesteps, where alpha_bar
 falls to 2.4e-9): there the network's noise error is amplified ~10^4 times, and clipping the result
@@ -43,21 +48,30 @@ class Noise:
         return self.randn(x.shape[1:], x.device, x.dtype)
 
 
+SPACINGS = ("trailing", "linspace")
+
+
 class Scheduler:
     name = "base"
     zero_signal_alpha_bar = 1e-4  # below this, x_0 is the data mean (0); see the module docstring
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    def __init__(self, alphas_cumprod: torch.Tensor, timestep_spacing: str = "trailing"):
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}")
         self.alphas_cumprod = alphas_cumprod.double()
         self.num_train_timesteps = len(alphas_cumprod)
+        self.timestep_spacing = timestep_spacing
         self.timesteps: list[int] = []
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        T = self.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
+        T, k = self.num_train_timesteps, num_inference_steps
+        if not 1 <= k <= T:
             raise ValueError(f"num_inference_steps must be in 1..{T}")
-        step = T / num_inference_steps
-        self.timesteps = [round(T - i * step) - 1 for i in range(num_inference_steps)]
+        if self.timestep_spacing == "linspace" and k > 1:
+            self.timesteps = [round((T - 1) * (1 - i / (k - 1))) for i in range(k)]
+        else:  # trailing; also one linspace step, which must start from noise, at T-1
+            step = T / k
+            self.timesteps = [round(T - i * step) - 1 for i in range(k)]
 
     def _alphas(self, t: int) -> tuple[float, float]:
         """alpha_bar at t and at the next (earlier) timestep in the sequence; 1.0 after the last."""
@@ -84,8 +98,8 @@ class DDIMScheduler(Scheduler):
 
     name = "ddim"
 
-    def __init__(self, alphas_cumprod: torch.Tensor, eta: float = 0.0):
-        super().__init__(alphas_cumprod)
+    def __init__(self, alphas_cumprod: torch.Tensor, timestep_spacing: str = "trailing", eta: float = 0.0):
+        super().__init__(alphas_cumprod, timestep_spacing)
         self.eta = eta
 
     def step(self, eps, t, x, noise=None):
@@ -129,8 +143,8 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
 
     name = "dpm++2m"
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        super().__init__(alphas_cumprod)
+    def __init__(self, alphas_cumprod: torch.Tensor, timestep_spacing: str = "trailing"):
+        super().__init__(alphas_cumprod, timestep_spacing)
         self._previous: tuple[float, torch.Tensor] | None = None  # (lambda, x_0 prediction) of the step before
 
     @staticmethod
@@ -160,5 +174,5 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 }
 
 
-def make_scheduler(name: str, alphas_cumprod: torch.Tensor) -> Scheduler:
-    return SCHEDULERS[name](alphas_cumprod)
+def make_scheduler(name: str, alphas_cumprod: torch.Tensor, timestep_spacing: str = "trailing") -> Scheduler:
+    return SCHEDULERS[name](alphas_cumprod, timestep_spacing)

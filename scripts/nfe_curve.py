@@ -13,6 +13,8 @@ Options (defaults in brackets; [d] diffusion, [e] EBM):
   --series NAME=V,V,...   one line per value [d: sampler=ddim,dpm++2m; e: corrector_steps=0,1,2]
   --x NAME=V,V,...        the cost axis [d: steps=5,10,20,50,100; e: levels=5,10,20,40]
   --guidance G ...        guidance scales; 1 = plain conditional, one evaluation per step [the checkpoint's, 1]
+  --params JSON           request parameters every setting shares, e.g. '{"timestep_spacing": "trailing"}'
+                          [none: the checkpoint's defaults]
   --reference JSON        the long schedule everything is judged against; '' to skip
                           [d: {"sampler": "ddpm", "steps": 1000}; e: {"levels": 100, "corrector_steps": 2}]
   --n-samples N           images per setting, N/10 per class [300]
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series")
     p.add_argument("--x")
     p.add_argument("--guidance", nargs="+", type=float)
+    p.add_argument("--params", default="{}")
     p.add_argument("--reference")
     p.add_argument("--n-samples", type=int, default=300)
     p.add_argument("--reference-size", type=int, default=10000)
@@ -110,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.series_name, args.series_values = axis(args.series)
         args.x_name, args.x_values = axis(args.x)
         args.reference_body = json.loads(args.reference) if args.reference else None
+        args.shared = json.loads(args.params)
+        if not isinstance(args.shared, dict):
+            raise ValueError("--params must be a JSON object")
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -132,10 +138,10 @@ def axis(text: str) -> tuple[str, list[Any]]:
 def settings(args: argparse.Namespace, default_guidance: float) -> list[dict[str, Any]]:
     """The request bodies to measure, in run order; references are marked."""
     scales = args.guidance or list(dict.fromkeys([default_guidance, 1.0]))
-    bodies = [{args.series_name: s, args.x_name: x, "guidance_scale": g}
+    bodies = [{**args.shared, args.series_name: s, args.x_name: x, "guidance_scale": g}
               for g in scales for s in args.series_values for x in args.x_values]
     if args.reference_body:
-        bodies += [{**args.reference_body, "guidance_scale": g, "reference": True} for g in scales]
+        bodies += [{**args.shared, **args.reference_body, "guidance_scale": g, "reference": True} for g in scales]
     return bodies
 
 
@@ -300,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = load_pipeline(args.checkpoint, device, **handler_settings(args.model))  # as served
     if pipeline.model_type != args.model or not pipeline.class_names:
         raise SystemExit(f"{args.checkpoint} is not a class-conditional {args.model} checkpoint")
-    default_guidance = next(spec.default for spec in pipeline.param_specs() if spec.name == "guidance_scale")
+    defaults = {spec.name: spec.default for spec in pipeline.param_specs()}
+    default_guidance = defaults["guidance_scale"]
+    args.shared = {"timestep_spacing": defaults["timestep_spacing"], **args.shared}  # every row names its levels
     if args.sample_only:
         for body in settings(args, default_guidance):
             print(f"sampling {body}", flush=True)
@@ -314,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     identity = {"model": args.model, "checkpoint": str(args.checkpoint),
                 "weights_sha256": pipeline.config.get("weights_sha256"),
                 "training_steps": pipeline.config.get("training", {}).get("steps"), "n_samples": args.n_samples,
+                "timestep_spacing": args.shared["timestep_spacing"],
                 "seed": args.seed, "reference": {"split": "train", "n": args.reference_size},
                 "data_sha256": train.sha256}
     result = {**identity, "series": args.series_name, "x": args.x_name,

@@ -18,51 +18,66 @@ if [[ $part == all || $part == references ]]; then
 fi
 if [[ $part == all || $part == sweeps ]]; then
   # diffusion guidance settings at N = 500 (KID is unbiased at this N; FID only compares at equal N): DDIM 20 steps,
-  # then the served sampler (DPM++2M 20 steps). The committed DDIM rows date from the step-19000 weights.
+  # then DPM++2M 20 steps, all with the timestep spacing served until the linspace rows below chose another
+  # (trailing) and without the served default's guidance interval. The committed DDIM rows date from the step-19000
+  # weights.
   sweep() { $EVAL --model diffusion --n-samples 500 --params "$2" --out "docs/quality/diffusion-sweep-$1.json"; }
-  sweep guidance-1 '{"sampler": "ddim", "steps": 20, "guidance_scale": 1}'
-  sweep guidance-2 '{"sampler": "ddim", "steps": 20, "guidance_scale": 2}'
-  sweep guidance-4-interval '{"sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
-  sweep guidance-4-rescale '{"sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
-  sweep dpm-guidance-3.5 '{"guidance_scale": 3.5}'
-  sweep dpm-guidance-4 '{}'   # the served default (its row below is at N = 10,000)
-  sweep dpm-guidance-3 '{"guidance_scale": 3}'
-  sweep dpm-guidance-2 '{"guidance_scale": 2}'
+  sweep guidance-1 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "sampler": "ddim", "steps": 20, "guidance_scale": 1}'
+  sweep guidance-2 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "sampler": "ddim", "steps": 20, "guidance_scale": 2}'
+  sweep guidance-4-interval '{"timestep_spacing": "trailing", "sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep guidance-4-rescale '{"timestep_spacing": "trailing", "guidance_t_max": 999, "sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_rescale": 0.7}'
+  sweep dpm-guidance-3.5 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 3.5}'
+  sweep dpm-guidance-4 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 4}'   # the default before (10k row below)
+  sweep dpm-guidance-3 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 3}'
+  sweep dpm-guidance-2 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 2}'
   # guidance over an interval of noise levels and guidance rescale, on the served sampler and weights
-  sweep dpm-guidance-4-interval '{"guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
-  sweep dpm-guidance-5-interval '{"guidance_scale": 5, "guidance_t_min": 167, "guidance_t_max": 882}'
-  sweep dpm-guidance-6-interval '{"guidance_scale": 6, "guidance_t_min": 167, "guidance_t_max": 882}'
-  sweep dpm-guidance-4.5-off-above-882 '{"guidance_scale": 4.5, "guidance_t_max": 882}'
-  sweep dpm-guidance-5-off-above-882 '{"guidance_scale": 5, "guidance_t_max": 882}'
-  sweep dpm-guidance-6-off-above-882 '{"guidance_scale": 6, "guidance_t_max": 882}'
-  sweep dpm-guidance-5-off-above-800 '{"guidance_scale": 5, "guidance_t_max": 800}'
-  sweep dpm-guidance-5-off-above-940 '{"guidance_scale": 5, "guidance_t_max": 940}'
-  sweep dpm-guidance-5-rescale '{"guidance_scale": 5, "guidance_rescale": 0.7}'
-  sweep dpm-guidance-6-rescale '{"guidance_scale": 6, "guidance_rescale": 0.7}'
+  sweep dpm-guidance-4-interval '{"timestep_spacing": "trailing", "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-interval '{"timestep_spacing": "trailing", "guidance_scale": 5, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep dpm-guidance-6-interval '{"timestep_spacing": "trailing", "guidance_scale": 6, "guidance_t_min": 167, "guidance_t_max": 882}'
+  sweep dpm-guidance-4.5-off-above-882 '{"timestep_spacing": "trailing", "guidance_scale": 4.5, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-off-above-882 '{"timestep_spacing": "trailing", "guidance_scale": 5, "guidance_t_max": 882}'
+  sweep dpm-guidance-6-off-above-882 '{"timestep_spacing": "trailing", "guidance_scale": 6, "guidance_t_max": 882}'
+  sweep dpm-guidance-5-off-above-800 '{"timestep_spacing": "trailing", "guidance_scale": 5, "guidance_t_max": 800}'
+  sweep dpm-guidance-5-off-above-940 '{"timestep_spacing": "trailing", "guidance_scale": 5, "guidance_t_max": 940}'
+  sweep dpm-guidance-5-rescale '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 5, "guidance_rescale": 0.7}'
+  sweep dpm-guidance-6-rescale '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 6, "guidance_rescale": 0.7}'
+  # linspace timestep spacing (the last step at t = 0, not t = 49; generators/schedulers.py), same sampler and weights
+  sweep dpm-linspace-guidance-3 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3}'
+  sweep dpm-linspace-guidance-3.5 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3.5}'
+  sweep dpm-linspace-guidance-4 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 4}'
+  sweep dpm-linspace-guidance-4-off-above-882 '{"timestep_spacing": "linspace", "guidance_scale": 4, "guidance_t_max": 882}'
+  sweep dpm-linspace-guidance-4.5-off-above-882 '{"timestep_spacing": "linspace", "guidance_scale": 4.5, "guidance_t_max": 882}'  # served
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector
   # steps, +-guidance, and 100 levels x 2. N = 500 each; the batch size names the samples (keep it to reproduce
   # the committed rows' directories; at 50 images per class both sizes draw the same batches, so the same images)
-  $PY scripts/nfe_curve.py --n-samples 500 --batch-size 500 --guidance 3.5 1   # the default guidance then, and none
-  $PY scripts/nfe_curve.py --n-samples 500 --guidance 4                         # the served guidance, added later
-  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 500 --guidance 2 1   # guidance 2: the default then
+  # (all with trailing timestep spacing, the only one then)
+  T='{"timestep_spacing": "trailing"}'
+  D='{"timestep_spacing": "trailing", "guidance_t_max": 999}'
+  $PY scripts/nfe_curve.py --params "$D" --n-samples 500 --batch-size 500 --guidance 3.5 1   # the default guidance then, and none
+  $PY scripts/nfe_curve.py --params "$D" --n-samples 500 --guidance 4                         # the served guidance, added later
+  $PY scripts/nfe_curve.py --params "$T" --model ebm --n-samples 500 --batch-size 500 --guidance 2 1   # guidance 2: the default then
   # the EBM corrector's step size (snr) by guidance scale at 20 levels x 1 corrector step (which chose the served
   # guidance 4, snr 0.25); the guidance 4 and 5 rows were drawn with training/evaluate.py's batch size, 50
-  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --series snr=0.1,0.16,0.25,0.35 --x levels=20 \
+  $PY scripts/nfe_curve.py --params "$T" --model ebm --n-samples 500 --series snr=0.1,0.16,0.25,0.35 --x levels=20 \
     --guidance 2 3 --reference '' --out docs/quality/ebm_snr_guidance.json
-  $PY scripts/nfe_curve.py --model ebm --n-samples 500 --batch-size 50 --series snr=0.16,0.25 --x levels=20 \
+  $PY scripts/nfe_curve.py --params "$T" --model ebm --n-samples 500 --batch-size 50 --series snr=0.16,0.25 --x levels=20 \
     --guidance 4 5 --reference '' --out docs/quality/ebm_snr_guidance.json
 fi
 if [[ $part == all || $part == served ]]; then
-  # DPM++2M 20 steps (chosen from the nfe part), guidance 4 (from the sweeps and the two 10k rows): ~1 h of sampling
-  # and ~1 h of Inception features here (the first run also computes the reference's, then cached)
+  # DPM++2M 20 steps (chosen from the nfe part), linspace spacing, guidance 4.5 off above t = 882 (from the sweeps):
+  # ~1 h of sampling and ~40 min of Inception features here (the first run also computes the reference's, then cached)
   $EVAL --model diffusion --n-samples 10000
-  # the default before, guidance 3.5: its samples were drawn on a GPU in batches of 500 (the batch size names them)
-  $EVAL --model diffusion --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 3.5}' \
+  # the defaults before: trailing spacing with guidance 4, and before it guidance 3.5 (drawn on a GPU in batches of
+  # 500; the batch size names them), and guidance 5 off above t = 882, drawn on a GPU in batches of 500
+  $EVAL --model diffusion --n-samples 10000 --params '{"timestep_spacing": "trailing", "guidance_scale": 4, "guidance_t_max": 999}' \
+    --out docs/quality/diffusion-trailing-guidance-4-at-10000.json
+  $EVAL --model diffusion --n-samples 10000 --batch-size 500 \
+    --params '{"timestep_spacing": "trailing", "guidance_scale": 3.5, "guidance_t_max": 999}' \
     --out docs/quality/diffusion-guidance-3.5-at-10000.json
-  # guidance 5 switched off above t = 882 (the best KID of the N = 500 sweep), drawn on a GPU in batches of 500
-  $EVAL --model diffusion --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 5, "guidance_t_max": 882}' \
+  $EVAL --model diffusion --n-samples 10000 --batch-size 500 \
+    --params '{"timestep_spacing": "trailing", "guidance_scale": 5, "guidance_t_max": 882}' \
     --out docs/quality/diffusion-guidance-5-off-above-882-at-10000.json
   # the EBM's served default (guidance 4, snr 0.25, chosen from ebm_snr_guidance.json) and the one before it
   # (guidance 2, snr 0.16); about 1 s per guided sample on 2 cores: ~3 h each here (both were drawn on a GPU in

@@ -131,7 +131,8 @@ def nfe_table(path: Path) -> str:
     header = (f"KID (FID in brackets), {result['n_samples']} samples per setting ({result['n_samples'] // 10} per "
               f"class; one seed for every setting, so deterministic samplers start each image from the same noise) "
               f"against {result['reference']['n']} training images; {result['model']} weights of training step "
-              f"{result['training_steps']}. FID at this N carries a large small-sample bias: compare it only within "
+              f"{result['training_steps']}, {result['timestep_spacing']} timestep spacing. FID at "
+              f"this N carries a large small-sample bias: compare it only within "
               f"this table. — = not measured.\n\n")
     real = result["real_pixels"]
     colour = (f"\n\nThe same settings' colours: clipped fraction (pixel std); the real reference images: "

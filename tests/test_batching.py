@@ -82,14 +82,16 @@ def test_incompatible_requests_are_grouped_apart_and_never_rejected(pipelines):
         {"seed": 8, "class_label": 5, "guidance_scale": 1.0},       # 7: plain conditional: same as 0
         {"seed": 9, "class_label": 6, "n_images": 4},               # 8: same as 3
         {"seed": 10, "steps": 5, "n_images": 2},                    # 9: same as 2
+        {"seed": 11, "timestep_spacing": "linspace"},               # 10: other noise levels
     ])
-    assert diffusion.groups(requests) == [[0, 7], [1], [2, 9], [3, 8], [4], [5], [6]]
+    assert diffusion.groups(requests) == [[0, 7], [1], [2, 9], [3, 8], [4], [5], [6], [10]]
     ebm = pipelines["ebm"]
     requests = validated(ebm, [
         {"seed": 1}, {"seed": 2, "levels": 4}, {"seed": 3, "corrector_steps": 2}, {"seed": 4, "snr": 0.1},
         {"seed": 5, "class_label": 1}, {"seed": 6, "class_label": 2, "guidance_scale": 3.0},
-        {"seed": 7, "class_label": 3, "guidance_scale": 1.0}, {"seed": 8, "class_label": 4}])
-    assert ebm.groups(requests) == [[0, 6], [1], [2], [3], [4, 7], [5]]
+        {"seed": 7, "class_label": 3, "guidance_scale": 1.0}, {"seed": 8, "class_label": 4},
+        {"seed": 9, "timestep_spacing": "linspace"}])
+    assert ebm.groups(requests) == [[0, 6], [1], [2], [3], [4, 7], [5], [8]]
     gan = pipelines["gan"]
     assert gan.groups(validated(gan, [{"seed": 1}, {"digit": 3}, {"n_images": 64}])) == [[0, 1], [2]]
 

@@ -182,7 +182,8 @@ def test_samples_drawn_elsewhere_are_measured_as_if_drawn_here(classifiers, tmp_
 def test_describe_sampling_names_a_guidance_interval_and_rescale():
     served = {"sampler": "dpm++2m", "steps": 20, "guidance_scale": 4.0, "guidance_t_min": 0, "guidance_t_max": 999,
               "guidance_rescale": 0.0}
-    assert describe_sampling(served, True) == "DPM++2M 20 steps, guidance 4"
-    limited = {**served, "guidance_t_min": 167, "guidance_t_max": 882, "guidance_rescale": 0.7}
-    assert describe_sampling(limited, True) == "DPM++2M 20 steps, guidance 4 at t 167-882, rescale 0.7"
-    assert describe_sampling(limited, False) == "DPM++2M 20 steps, unconditional"
+    assert describe_sampling(served, True) == "DPM++2M 20 trailing steps, guidance 4"  # measured before the choice
+    limited = {**served, "guidance_t_min": 167, "guidance_t_max": 882, "guidance_rescale": 0.7,
+               "timestep_spacing": "linspace"}
+    assert describe_sampling(limited, True) == "DPM++2M 20 linspace steps, guidance 4 at t 167-882, rescale 0.7"
+    assert describe_sampling(limited, False) == "DPM++2M 20 linspace steps, unconditional"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
 from generators.params import InvalidParameter, validate
 from generators.pipelines import load_pipeline
-from generators.schedulers import make_scheduler
+from generators.schedulers import SPACINGS, make_scheduler
 from tests.synthetic import tiny_checkpoint
 
 # diffusers 0.42.1 calls np.array on a torch tensor in set_timesteps, which numpy 2 warns about
@@ -29,18 +29,21 @@ def reference_scheduler() -> DPMSolverMultistepScheduler:
         lower_order_final=True, final_sigmas_type="zero", thresholding=True, sample_max_value=1.0)
 
 
-def largest_step_difference(sampler: str, steps: int) -> float:
+def largest_step_difference(sampler: str, steps: int, timestep_spacing: str = "trailing") -> float:
     """Runs our `sampler` and diffusers' solver side by side, each on its own samples, feeding both the same
     fixed random network output at each step; returns the largest difference of any step's sample.
 
     The output does not depend on x, so x_0 predictions are mostly clipped at high noise and mostly not at low
     noise. diffusers is given our timesteps: its "trailing" spacing is ours, but it builds it with np.arange,
     whose rounding breaks some ties the other way (48 steps: 936 for our 937) and adds a t=-1 for a few counts
-    (61 steps)."""
-    ours, reference = make_scheduler(sampler, ALPHA_BAR), reference_scheduler()
+    (61 steps). It is also given the exact noise levels of those timesteps: it rounds its own to float32, where
+    1 - alpha_bar at t = 0 (4e-5) keeps about three digits, which moves the step to t = 0 by up to 2e-4."""
+    ours, reference = make_scheduler(sampler, ALPHA_BAR, timestep_spacing), reference_scheduler()
     ours.zero_signal_alpha_bar = 0.0  # diffusers clips x_0 at every level; ours takes the data mean at no signal
     ours.set_timesteps(steps)
     reference.set_timesteps(timesteps=ours.timesteps)
+    alpha_bar = ALPHA_BAR.double()[ours.timesteps]
+    reference.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
     outputs = torch.randn(steps, *SHAPE, generator=torch.Generator().manual_seed(1))
     x_ours = x_reference = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     largest = 0.0
@@ -70,9 +73,10 @@ def test_no_signal_step_ignores_the_amplified_x0(sampler):
     assert (without_rule[0] - without_rule[1]).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("timestep_spacing", SPACINGS)
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20, 50])
-def test_dpm_solver_matches_diffusers_step_by_step(steps):
-    assert largest_step_difference("dpm++2m", steps) < 1e-5
+def test_dpm_solver_matches_diffusers_step_by_step(steps, timestep_spacing):
+    assert largest_step_difference("dpm++2m", steps, timestep_spacing) < 1e-5
 
 
 def test_first_order_steps_do_not_pass_for_second_order():
@@ -81,12 +85,34 @@ def test_first_order_steps_do_not_pass_for_second_order():
     assert largest_step_difference("ddim", 10) > 1e-2
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 5, 10, 20, 25, 50, 100, 250, 1000])
-def test_trailing_timesteps_are_diffusers_trailing(steps):
-    ours, reference = make_scheduler("dpm++2m", ALPHA_BAR), reference_scheduler()
+@pytest.mark.parametrize("timestep_spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [2, 4, 5, 10, 20, 25, 50, 100, 250, 999, 1000])
+def test_timesteps_are_diffusers_timesteps(steps, timestep_spacing):
+    """diffusers' DDIMScheduler spaces "trailing" as we do, and its "linspace" is ours (its DPM-Solver's
+    "linspace" is another rule, which stops short of t = 0)."""
+    ours = make_scheduler("dpm++2m", ALPHA_BAR, timestep_spacing)
+    reference = DDIMScheduler(num_train_timesteps=len(ALPHA_BAR), timestep_spacing=timestep_spacing)
     ours.set_timesteps(steps)
     reference.set_timesteps(steps)
     assert ours.timesteps == reference.timesteps.tolist()
+
+
+def test_one_step_starts_from_noise_whatever_the_spacing():
+    """diffusers' one linspace step is at t = 0, which would denoise pure noise as if it were nearly clean."""
+    for timestep_spacing in SPACINGS:
+        scheduler = make_scheduler("dpm++2m", ALPHA_BAR, timestep_spacing)
+        scheduler.set_timesteps(1)
+        assert scheduler.timesteps == [len(ALPHA_BAR) - 1]
+
+
+def test_linspace_ends_at_the_lowest_noise_level():
+    trailing, linspace = (make_scheduler("dpm++2m", ALPHA_BAR, spacing) for spacing in ("trailing", "linspace"))
+    trailing.set_timesteps(20)
+    linspace.set_timesteps(20)
+    assert trailing.timesteps[0] == linspace.timesteps[0] == 999
+    assert (trailing.timesteps[-1], linspace.timesteps[-1]) == (49, 0)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        make_scheduler("ddim", ALPHA_BAR, "karras")
 
 
 def test_pipeline_samples_deterministically_and_costs_what_ddim_costs(tmp_path):

@@ -309,8 +309,9 @@ def test_customized_metadata(server, client, model):
     parameters = meta["parameters"]
     assert {"n_images", "seed", "format"} <= set(parameters)
     assert parameters["n_images"]["max"] == 64 and parameters["n_images"]["default"] == 1
-    expected = {"diffusion": {"steps", "sampler", "class_label", "guidance_scale"},
-                "ebm": {"levels", "corrector_steps", "snr", "class_label", "guidance_scale"}, "gan": {"digit"}}[model]
+    expected = {"diffusion": {"steps", "sampler", "timestep_spacing", "class_label", "guidance_scale"},
+                "ebm": {"levels", "corrector_steps", "snr", "timestep_spacing", "class_label", "guidance_scale"},
+                "gan": {"digit"}}[model]
     assert expected <= set(parameters)
 
 

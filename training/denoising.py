@@ -13,12 +13,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from generators.gaussian_diffusion import GaussianDiffusion
+from generators.schedulers import SPACINGS
 from training.common import EMA, TrainingRun, clip_and_step, learning_rate, set_learning_rate
 from training.data import ImageDataset
-from generators.gaussian_diffusion import GaussianDiffusion
 
 
-def add_denoising_options(parser: argparse.ArgumentParser) -> None:
+def add_denoising_options(parser: argparse.ArgumentParser, serve_spacing: str) -> None:
+    """Network, schedule and validation options; `serve_spacing` is the model's served timestep spacing."""
     parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--channel-mults", type=int, nargs="+", default=[1, 2, 2])
     parser.add_argument("--num-res-blocks", type=int, default=1)
@@ -31,6 +33,8 @@ def add_denoising_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-every", type=int, default=1000,
                         help="log the EMA model's noise-prediction MSE on fixed held-out test images this often")
     parser.add_argument("--val-images", type=int, default=512)
+    parser.add_argument("--serve-spacing", default=serve_spacing, choices=SPACINGS,
+                        help="timestep spacing of the served sampler (generators/schedulers.py)")
 
 
 @torch.no_grad()

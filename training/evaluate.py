@@ -188,8 +188,9 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
-    """Validated sampling parameters in words: 'DDIM 20 steps, guidance 2 at t 167-882, rescale 0.7',
-    'Langevin 20 levels, 1 corrector step, snr 0.16, guidance 2'."""
+    """Validated sampling parameters in words: 'DDIM 20 linspace steps, guidance 2 at t 167-882, rescale 0.7',
+    'Langevin 20 trailing levels, 1 corrector step, snr 0.16, guidance 2' (results measured before there was a
+    choice of spacing have none in their parameters: they were trailing)."""
     if "sampler" not in params and "levels" not in params:
         return "one forward pass"
     guidance = f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
@@ -199,10 +200,11 @@ def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
         guidance += f" at t {t_min}-{t_max}"
     if conditional and params.get("guidance_rescale"):
         guidance += f", rescale {params['guidance_rescale']:g}"
+    spacing = params.get("timestep_spacing", "trailing")
     if "sampler" in params:
-        return f"{params['sampler'].upper()} {params['steps']} steps" + guidance
+        return f"{params['sampler'].upper()} {params['steps']} {spacing} steps" + guidance
     corrector = f"{params['corrector_steps']} corrector step{'s' if params['corrector_steps'] != 1 else ''}"
-    return f"Langevin {params['levels']} levels, {corrector}, snr {params['snr']:g}" + guidance
+    return f"Langevin {params['levels']} {spacing} levels, {corrector}, snr {params['snr']:g}" + guidance
 
 
 def quality_row(result: dict[str, Any], label: str) -> list[Any]:

@@ -19,13 +19,15 @@ from training.data import ImageDataset
 from training.denoising import add_denoising_options, train_denoiser
 
 parser = base_parser(__doc__, "diffusion", "cifar10", batch_size=64, lr=5e-4, ema_decay=0.999, warmup_steps=500)
-add_denoising_options(parser)
+add_denoising_options(parser, serve_spacing="linspace")
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the training forward pass (compiling takes minutes on a CPU)")
 parser.add_argument("--serve-sampler", default="dpm++2m",
                     help="sampler default written to the served config (chosen by scripts/nfe_curve.py)")
 parser.add_argument("--serve-steps", type=int, default=20)
-parser.add_argument("--serve-guidance", type=float, default=4.0)
+parser.add_argument("--serve-guidance", type=float, default=4.5)
+parser.add_argument("--serve-guidance-t-max", type=int, default=882,
+                    help="served guidance acts only at timesteps <= this (README, section 5)")
 
 
 def unet_config_from_args(args, data: ImageDataset) -> UNetConfig:
@@ -54,7 +56,8 @@ def main() -> None:
         run.save_state()
         config = {"model_type": "diffusion", "unet": unet_config.to_dict(), "schedule": schedule.to_dict(),
                   "sampling": {"sampler": args.serve_sampler, "steps": args.serve_steps,
-                               "guidance_scale": args.serve_guidance},
+                               "timestep_spacing": args.serve_spacing, "guidance_scale": args.serve_guidance,
+                               "guidance_t_max": args.serve_guidance_t_max},
                   "class_names": data.class_names}
         save_checkpoint(args.out, ema.state_dict(), stamp(config, run, data.sha256, ema_decay=args.ema_decay,
                                                           label_dropout=args.label_dropout,
@@ -62,7 +65,9 @@ def main() -> None:
 
     def sample(ema_model: UNet, labels: torch.Tensor) -> torch.Tensor:
         return sample_diffusion(ema_model, diffusion.alphas_cumprod, args.serve_sampler, args.serve_steps,
-                                len(labels), labels, Guidance(args.serve_guidance), torch.Generator().manual_seed(0))
+                                len(labels), labels, Guidance(args.serve_guidance, t_max=args.serve_guidance_t_max),
+                                torch.Generator().manual_seed(0),
+                                timestep_spacing=args.serve_spacing)
 
     forward = torch.compile(model) if args.compile else model  # shares model's parameters; state is saved from model
     train_denoiser(args, model, ema, optimizer, run, diffusion, data, device, export, sample, forward)

@@ -27,7 +27,7 @@ from training.train_diffusion import unet_config_from_args
 
 parser = base_parser(__doc__, "ebm", "cifar10", batch_size=64, lr=2e-4, ema_decay=0.999, warmup_steps=500,
                      sample_every=500, save_every=100)
-add_denoising_options(parser)
+add_denoising_options(parser, serve_spacing="trailing")
 parser.add_argument("--sigma-data", type=float, default=0.5, help="data std in the energy's preconditioning")
 parser.add_argument("--init-from", type=Path, default=None,
                     help="diffusion checkpoint whose UNet starts the energy (ignored when resuming)")
@@ -71,7 +71,8 @@ def main() -> None:
     print(f"energy UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
           f"step {run.step}")
     sampling = LangevinConfig(levels=args.serve_levels, corrector_steps=args.serve_corrector_steps,
-                              snr=args.serve_snr, guidance_scale=args.serve_guidance)
+                              snr=args.serve_snr, guidance_scale=args.serve_guidance,
+                              timestep_spacing=args.serve_spacing)
 
     def export() -> None:
         run.save_state()
