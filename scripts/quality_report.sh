@@ -42,11 +42,9 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-guidance-5-rescale '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 5, "guidance_rescale": 0.7}'
   sweep dpm-guidance-6-rescale '{"timestep_spacing": "trailing", "guidance_t_max": 999, "guidance_scale": 6, "guidance_rescale": 0.7}'
   # linspace timestep spacing (the last step at t = 0, not t = 49; generators/schedulers.py), same sampler and weights
-  sweep dpm-linspace-guidance-3 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3}'
-  sweep dpm-linspace-guidance-3.5 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3.5}'
-  sweep dpm-linspace-guidance-4 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 4}'
-  sweep dpm-linspace-guidance-4-off-above-882 '{"timestep_spacing": "linspace", "guidance_scale": 4, "guidance_t_max": 882}'
   sweep dpm-linspace-guidance-4.5-off-above-882 '{"timestep_spacing": "linspace", "guidance_scale": 4.5, "guidance_t_max": 882}'  # served
+  sweep dpm-linspace-guidance-4 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 4}'
+  sweep dpm-linspace-guidance-3.5 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3.5}'
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector

@@ -103,7 +103,7 @@ def speed_table(docs: Path) -> str:
         per_class = case["images_per_class_request"]
         request = describe_sampling(case["sampling"], conditional=bool(per_class))
         if per_class:
-            guided = " (2 evaluations per step)" if case["sampling"]["guidance_scale"] != 1 else ""
+            guided = " (2 evaluations per guided step)" if case["sampling"]["guidance_scale"] != 1 else ""
             request += f"{guided}, {per_class} images per request, one request per class"
         rows.append([case["model"], request, case["training_steps"], case["n_images"], f"{case['seconds']:.2f}",
                      f"{case['ms_per_image']:g}"])
