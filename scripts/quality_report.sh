@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every quality figure and grid in the README, from the committed checkpoints, in one command:
 #   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
-#   scripts/quality_report.sh sweeps     # only the diffusion guidance sweep
+#   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500)
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 # With a GPU but without the data or the FID network there (the EBM's 10k row, diffusion's guidance-3.5
@@ -45,6 +45,8 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-linspace-guidance-4.5-off-above-882 '{"timestep_spacing": "linspace", "guidance_scale": 4.5, "guidance_t_max": 882}'  # served
   sweep dpm-linspace-guidance-4 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 4}'
   sweep dpm-linspace-guidance-3.5 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3.5}'
+  # the EBM at its served default but with linspace levels (not adopted: README section 5)
+  $EVAL --model ebm --n-samples 500 --params '{"timestep_spacing": "linspace"}' --out docs/quality/ebm-sweep-linspace-guidance-4.json
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector
