@@ -24,6 +24,7 @@ COMMANDS = {
     "-m training.diffusion_val_loss": "--val-images",
     "-m training.fid_references": "--reference-size",
     "-m training.ebm_ood": "--set-default",
+    "-m training.pack_data": "unpack",
 }
 
 
