@@ -9,7 +9,7 @@ import pytest
 
 from tests.synthetic import CIFAR_CLASSES, write_npz
 from training.data import ImageDataset
-from training.pack_data import pack, unpack
+from training.pack_data import check_tile, pack, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,12 @@ def test_a_mosaic_over_the_part_size_is_refused(tmp_path):
     source = write_npz(tmp_path / "data.npz", (32, 32, 3), n=64)
     with pytest.raises(SystemExit, match="lower --tile"):
         pack(source, tmp_path / "pack", part_mib=0.01, tile=64)
+
+
+def test_a_mosaic_wider_than_webp_allows_is_refused():
+    check_tile(10000, (50000, 32, 32, 3), "x_train")  # 100 x 32 = 3200 pixels a side
+    with pytest.raises(SystemExit, match="17536 pixels wide, over WebP's 16383"):
+        check_tile(300000, (300000, 32, 32, 3), "x_train")  # 548 x 32 pixels a side
 
 
 def test_command_line(tmp_path):

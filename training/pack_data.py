@@ -27,6 +27,7 @@ from generators.checkpoint import atomic_write_bytes
 from training.data import DEFAULT_PATHS
 
 MANIFEST = "manifest.json"
+WEBP_MAX_SIDE = 16383  # pixels, the format's limit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 commands = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +51,14 @@ def array_sha256(array: np.ndarray) -> str:
 
 def is_image_array(array: np.ndarray) -> bool:
     return array.dtype == np.uint8 and (array.ndim == 3 or (array.ndim == 4 and array.shape[-1] == 3))
+
+
+def check_tile(tile: int, shape: tuple[int, ...], key: str) -> None:
+    """Refuse a --tile whose mosaics of `shape`-d images would be wider than WebP allows."""
+    side = math.ceil(math.sqrt(min(tile, shape[0]))) * max(shape[1:3])
+    if side > WEBP_MAX_SIDE:
+        raise SystemExit(f"--tile {tile}: a mosaic of {key} would be {side} pixels wide, over WebP's "
+                         f"{WEBP_MAX_SIDE}; lower --tile")
 
 
 def mosaic_webp(images: np.ndarray) -> bytes:
@@ -85,6 +94,7 @@ def pack(data: Path, out: Path, part_mib: float, tile: int) -> dict:
             array = archive[key]
             entry = {"shape": list(array.shape), "dtype": array.dtype.str, "sha256": array_sha256(array), "files": []}
             if is_image_array(array) and len(array):
+                check_tile(tile, array.shape, key)
                 for start in range(0, len(array), tile):
                     name = f"{key}-{start:06d}.webp"
                     files.append((name, mosaic_webp(array[start:start + tile])))
