@@ -18,7 +18,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def _layout(n: int, columns: int | None = None) -> tuple[int, int]:
+def grid_layout(n: int, columns: int | None = None) -> tuple[int, int]:
     """(rows, cols) of the grid for n images: near-square unless the columns are given."""
     cols = min(columns or math.ceil(math.sqrt(n)), n)
     return math.ceil(n / cols), cols
@@ -31,7 +31,7 @@ def grid(images: np.ndarray, padding: int = 2, columns: int | None = None) -> np
     if n == 1:
         return images[0]
     width, height = grid_size(n, h, w, padding, columns)
-    _, cols = _layout(n, columns)
+    _, cols = grid_layout(n, columns)
     out = np.zeros((height, width, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, cols)
@@ -44,7 +44,7 @@ def grid_size(n: int, h: int, w: int, padding: int = 2, columns: int | None = No
     """(width, height) of the PNG that `grid` makes for n images of h x w."""
     if n == 1:
         return w, h
-    rows, cols = _layout(n, columns)
+    rows, cols = grid_layout(n, columns)
     return cols * (w + padding) + padding, rows * (h + padding) + padding
 
 

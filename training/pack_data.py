@@ -17,13 +17,13 @@ import argparse
 import hashlib
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from generators.checkpoint import atomic_write_bytes
+from generators.imaging import grid, grid_layout, grid_size
 from training.data import DEFAULT_PATHS
 
 MANIFEST = "manifest.json"
@@ -55,39 +55,47 @@ def is_image_array(array: np.ndarray) -> bool:
 
 def check_tile(tile: int, shape: tuple[int, ...], key: str) -> None:
     """Refuse a --tile whose mosaics of `shape`-d images would be wider than WebP allows."""
-    side = math.ceil(math.sqrt(min(tile, shape[0]))) * max(shape[1:3])
+    side = max(grid_size(min(tile, shape[0]), shape[1], shape[2], padding=0))
     if side > WEBP_MAX_SIDE:
         raise SystemExit(f"--tile {tile}: a mosaic of {key} would be {side} pixels wide, over WebP's "
                          f"{WEBP_MAX_SIDE}; lower --tile")
 
 
 def mosaic_webp(images: np.ndarray) -> bytes:
-    """Images side by side, a square-ish grid filled row by row (the unused cells black), as lossless WebP."""
-    n, h, w = images.shape[:3]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * cols, *images.shape[1:]), np.uint8)
-    grid[:n] = images
-    grid = grid.reshape(rows, cols, h, w, -1).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, -1)
-    picture = Image.fromarray(grid[..., 0] if images.ndim == 3 else grid).convert("RGB")
+    """The images as one lossless WebP: the sample grids' near-square layout (generators/imaging.py), no padding."""
+    mosaic = grid(images if images.ndim == 4 else images[..., None], padding=0)
     buffer = io.BytesIO()
-    picture.save(buffer, "WEBP", lossless=True, quality=100, method=4)
+    Image.fromarray(mosaic[..., 0] if images.ndim == 3 else mosaic).convert("RGB").save(
+        buffer, "WEBP", lossless=True, quality=100, method=4)
     return buffer.getvalue()
 
 
 def mosaic_images(data: bytes, n: int, shape: tuple[int, ...]) -> np.ndarray:
     """The inverse of mosaic_webp for n images of `shape` (H x W or H x W x 3)."""
     h, w = shape[:2]
-    cols = math.ceil(math.sqrt(n))
-    grid = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    rows = grid.shape[0] // h
-    images = grid.reshape(rows, h, cols, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, h, w, 3)[:n]
+    rows, cols = grid_layout(n)
+    mosaic = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    images = mosaic.reshape(rows, h, cols, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, h, w, 3)[:n]
     return np.ascontiguousarray(images[..., 0] if len(shape) == 2 else images)
 
 
 def pack(data: Path, out: Path, part_mib: float, tile: int) -> dict:
     """Write the parts and the manifest; returns the manifest."""
-    files: list[tuple[str, bytes]] = []  # (name, content), in array order
+    limit = part_mib * 2**20
+    part, used = 0, 0
+
+    def store(name: str, content: bytes) -> dict:
+        """Write one file into the current part, or the next one when it would overflow; its manifest entry."""
+        nonlocal part, used
+        if len(content) > limit:
+            raise SystemExit(f"{name} alone is {len(content) / 2**20:.1f} MiB, over --part-mib {part_mib}: "
+                             "lower --tile")
+        if used and used + len(content) > limit:
+            part, used = part + 1, 0
+        used += len(content)
+        atomic_write_bytes(out / f"part-{part:03d}" / name, content)
+        return {"name": name, "part": part, "sha256": hashlib.sha256(content).hexdigest()}
+
     arrays = {}
     with np.load(data, allow_pickle=False) as archive:
         for key in archive.files:
@@ -96,30 +104,14 @@ def pack(data: Path, out: Path, part_mib: float, tile: int) -> dict:
             if is_image_array(array) and len(array):
                 check_tile(tile, array.shape, key)
                 for start in range(0, len(array), tile):
-                    name = f"{key}-{start:06d}.webp"
-                    files.append((name, mosaic_webp(array[start:start + tile])))
-                    entry["files"].append({"name": name, "images": len(array[start:start + tile])})
+                    images = array[start:start + tile]
+                    entry["files"].append({**store(f"{key}-{start:06d}.webp", mosaic_webp(images)),
+                                           "images": len(images)})
             else:
                 buffer = io.BytesIO()
                 np.save(buffer, array, allow_pickle=False)
-                files.append((f"{key}.npy", buffer.getvalue()))
-                entry["files"].append({"name": f"{key}.npy"})
+                entry["files"].append(store(f"{key}.npy", buffer.getvalue()))
             arrays[key] = entry
-    limit = part_mib * 2**20
-    written: dict[str, dict] = {}  # name -> its part and sha256
-    part, used = 0, 0
-    for name, content in files:
-        if len(content) > limit:
-            raise SystemExit(f"{name} alone is {len(content) / 2**20:.1f} MiB, over --part-mib {part_mib}: "
-                             "lower --tile")
-        if used and used + len(content) > limit:
-            part, used = part + 1, 0
-        used += len(content)
-        atomic_write_bytes(out / f"part-{part:03d}" / name, content)
-        written[name] = {"part": part, "sha256": hashlib.sha256(content).hexdigest()}
-    for entry in arrays.values():
-        for file in entry["files"]:
-            file.update(written[file["name"]])
     manifest = {"source": data.name, "arrays": arrays}
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
