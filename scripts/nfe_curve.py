@@ -319,13 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     inception = load_inception(device)
     real_features = reference_features(inception, train, args.reference_size)
     classifier, _ = load_classifier(ROOT / "checkpoints" / "classifiers" / "cifar10", device)
-    identity = {"model": args.model, "checkpoint": str(args.checkpoint),
-                "weights_sha256": pipeline.config.get("weights_sha256"),
+    identity = {"model": args.model, "weights_sha256": pipeline.config.get("weights_sha256"),  # not the path
                 "training_steps": pipeline.config.get("training", {}).get("steps"), "n_samples": args.n_samples,
                 "timestep_spacing": args.shared["timestep_spacing"],
                 "seed": args.seed, "reference": {"split": "train", "n": args.reference_size},
                 "data_sha256": train.sha256}
-    result = {**identity, "series": args.series_name, "x": args.x_name,
+    result = {**identity, "checkpoint": str(args.checkpoint), "series": args.series_name, "x": args.x_name,
               "reference_keys": sorted(args.reference_body or {}),
               "real_pixels": pixel_statistics(train.images[real_subsets(len(train), args.reference_size)[0]]),
               "results": []}

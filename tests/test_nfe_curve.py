@@ -1,6 +1,7 @@
 """scripts/nfe_curve.py: what it measures, in which order, and how it shows it (a sweep itself takes hours)."""
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +79,10 @@ def test_a_sweep_sampled_elsewhere_measures_as_one_sampled_here(tmp_path):
               str(tmp_path / "ebm"), "--n-samples", "20", "--batch-size", "10", "--reference-size", "16",
               "--x", "levels=2", "--series", "corrector_steps=0", "--guidance", "2", "--reference", "", "--threads", "1"]
 
-    def sweep(*extra: str) -> None:
-        result = subprocess.run(common + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    def sweep(*extra: str, command: list[str] = common) -> str:
+        result = subprocess.run(command + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
 
     sweep("--sample-only", "--data", str(tmp_path / "absent.npz"), "--progress-dir", str(tmp_path / "elsewhere"),
           "--out", str(tmp_path / "never.json"))
@@ -90,3 +92,10 @@ def test_a_sweep_sampled_elsewhere_measures_as_one_sampled_here(tmp_path):
     (later,), (direct,) = (json.loads((tmp_path / name).read_text())["results"] for name in ("later.json", "direct.json"))
     assert later["kid"] == direct["kid"] and later["fid"] == direct["fid"]
     assert later["images_per_s"] is None and direct["images_per_s"] > 0
+    # the same weights at another path (a fresh clone, or older weights taken from git) keep the measured rows
+    shutil.copytree(tmp_path / "ebm", tmp_path / "moved")
+    moved = [str(tmp_path / "moved") if part == str(tmp_path / "ebm") else part for part in common]
+    output = sweep("--data", str(data), "--progress-dir", str(tmp_path / "here"), "--out", str(tmp_path / "direct.json"),
+                   command=moved)
+    assert "measuring" not in output
+    assert json.loads((tmp_path / "direct.json").read_text())["results"] == [direct]
