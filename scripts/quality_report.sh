@@ -12,6 +12,11 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 EVAL="$PY -m training.evaluate"
 part=${1:-all}
+# the diffusion weights of step 39441 (served until the third GPU stretch), from the git history: the sweeps, the
+# nfe curves and the older 10k rows were measured on them
+D39441=$(mktemp -d)
+trap 'rm -rf "$D39441"' EXIT
+for f in model.safetensors config.json; do git show e89db50:checkpoints/diffusion/$f > "$D39441/$f"; done
 
 if [[ $part == all || $part == references ]]; then
   $PY -m training.fid_references --n 1000 2000 --test-sizes 1000 2500 5000 10000   # ~1.5 h here
@@ -21,7 +26,7 @@ if [[ $part == all || $part == sweeps ]]; then
   # then DPM++2M 20 steps, all with the timestep spacing served until the linspace rows below chose another
   # (trailing) and without the served default's guidance interval. The committed DDIM rows date from the step-19000
   # weights.
-  sweep() { $EVAL --model diffusion --n-samples 500 --params "$2" --out "docs/quality/diffusion-sweep-$1.json"; }
+  sweep() { $EVAL --model diffusion --checkpoint "$D39441" --n-samples 500 --params "$2" --out "docs/quality/diffusion-sweep-$1.json"; }
   sweep guidance-1 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "sampler": "ddim", "steps": 20, "guidance_scale": 1}'
   sweep guidance-2 '{"timestep_spacing": "trailing", "guidance_t_max": 999, "sampler": "ddim", "steps": 20, "guidance_scale": 2}'
   sweep guidance-4-interval '{"timestep_spacing": "trailing", "sampler": "ddim", "steps": 20, "guidance_scale": 4, "guidance_t_min": 167, "guidance_t_max": 882}'
@@ -55,8 +60,8 @@ if [[ $part == all || $part == nfe ]]; then
   # (all with trailing timestep spacing, the only one then)
   T='{"timestep_spacing": "trailing"}'
   D='{"timestep_spacing": "trailing", "guidance_t_max": 999}'
-  $PY scripts/nfe_curve.py --params "$D" --n-samples 500 --batch-size 500 --guidance 3.5 1   # the default guidance then, and none
-  $PY scripts/nfe_curve.py --params "$D" --n-samples 500 --guidance 4                         # the served guidance, added later
+  $PY scripts/nfe_curve.py --checkpoint "$D39441" --params "$D" --n-samples 500 --batch-size 500 --guidance 3.5 1   # the default guidance then, and none
+  $PY scripts/nfe_curve.py --checkpoint "$D39441" --params "$D" --n-samples 500 --guidance 4                         # the served guidance, added later
   $PY scripts/nfe_curve.py --params "$T" --model ebm --n-samples 500 --batch-size 500 --guidance 2 1   # guidance 2: the default then
   # the EBM corrector's step size (snr) by guidance scale at 20 levels x 1 corrector step (which chose the served
   # guidance 4, snr 0.25); the guidance 4 and 5 rows were drawn with training/evaluate.py's batch size, 50
@@ -66,21 +71,24 @@ if [[ $part == all || $part == nfe ]]; then
     --guidance 4 5 --reference '' --out docs/quality/ebm_snr_guidance.json
 fi
 if [[ $part == all || $part == served ]]; then
-  # DPM++2M 20 steps (chosen from the nfe part), linspace spacing, guidance 4.5 off above t = 882 (from the sweeps):
-  # ~1 h of sampling and ~40 min of Inception features here (the first run also computes the reference's, then cached)
-  $EVAL --model diffusion --n-samples 10000
-  # the defaults before: trailing spacing with guidance 4, and before it guidance 3.5 (drawn on a GPU in batches of
-  # 500; the batch size names them), and guidance 5 off above t = 882, drawn on a GPU in batches of 500
-  $EVAL --model diffusion --n-samples 10000 --params '{"timestep_spacing": "trailing", "guidance_scale": 4, "guidance_t_max": 999}' \
+  # DPM++2M 20 steps (chosen from the nfe part), linspace spacing, guidance 4.5 off above t = 882 (from the sweeps),
+  # drawn on a GPU in batches of 500 (the batch size names them): ~1 h of sampling here and ~45 min of Inception
+  # features (the first run also computes the reference's, then cached)
+  $EVAL --model diffusion --n-samples 10000 --batch-size 500
+  # the same setting on the step-39441 weights
+  $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --out docs/quality/diffusion-step-39441-at-10000.json
+  # on the step-39441 weights, the defaults before: trailing spacing with guidance 4, and before it guidance 3.5
+  # (drawn on a GPU in batches of 500), and guidance 5 off above t = 882, drawn on a GPU in batches of 500
+  $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --params '{"timestep_spacing": "trailing", "guidance_scale": 4, "guidance_t_max": 999}' \
     --out docs/quality/diffusion-trailing-guidance-4-at-10000.json
-  $EVAL --model diffusion --n-samples 10000 --batch-size 500 \
+  $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --batch-size 500 \
     --params '{"timestep_spacing": "trailing", "guidance_scale": 3.5, "guidance_t_max": 999}' \
     --out docs/quality/diffusion-guidance-3.5-at-10000.json
-  $EVAL --model diffusion --n-samples 10000 --batch-size 500 \
+  $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --batch-size 500 \
     --params '{"timestep_spacing": "trailing", "guidance_scale": 5, "guidance_t_max": 882}' \
     --out docs/quality/diffusion-guidance-5-off-above-882-at-10000.json
-  # the served setting at 16 steps instead of 20 (30 evaluations per guided image instead of 37)
-  $EVAL --model diffusion --n-samples 10000 --params '{"steps": 16}' --out docs/quality/diffusion-16-steps-at-10000.json
+  # the served setting at 16 steps instead of 20 (30 evaluations per guided image instead of 37), step-39441 weights
+  $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --params '{"steps": 16}' --out docs/quality/diffusion-16-steps-at-10000.json
   # the EBM's served default (guidance 4, snr 0.25, chosen from ebm_snr_guidance.json) and the one before it
   # (guidance 2, snr 0.16); about 1 s per guided sample on 2 cores: ~3 h each here (both were drawn on a GPU in
   # batches of 500, as was diffusion's guidance-3.5 row; the batch size names them)
