@@ -75,7 +75,10 @@ if [[ $part == all || $part == served ]]; then
   # drawn on a GPU in batches of 500 (the batch size names them): ~1 h of sampling here and ~45 min of Inception
   # features (the first run also computes the reference's, then cached)
   $EVAL --model diffusion --n-samples 10000 --batch-size 500
-  # the same setting on the step-39441 weights
+  # guidance 5 instead of 4.5 (not adopted: README section 5), also drawn on a GPU in batches of 500
+  $EVAL --model diffusion --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 5}' \
+    --out docs/quality/diffusion-step-48463-guidance-5-at-10000.json
+  # the served setting on the step-39441 weights
   $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --out docs/quality/diffusion-step-39441-at-10000.json
   # on the step-39441 weights, the defaults before: trailing spacing with guidance 4, and before it guidance 3.5
   # (drawn on a GPU in batches of 500), and guidance 5 off above t = 882, drawn on a GPU in batches of 500
