@@ -30,6 +30,9 @@ from generators.unet import UNet, UNetConfig
 
 @dataclass
 class LangevinConfig:
+    """Annealed Langevin settings. The served defaults are the checkpoint's (config.json, written from train_ebm's
+    --serve-* options); these field defaults only fill what an older config lacks."""
+
     levels: int = 20  # noise levels visited, each a reverse (predictor) step
     corrector_steps: int = 1  # Langevin steps on the energy at each level
     snr: float = 0.16  # corrector step size as a signal-to-noise ratio (Song et al. 2021)
