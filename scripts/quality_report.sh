@@ -4,8 +4,8 @@
 #   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500)
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
-# With a GPU but without the data or the FID network there (the EBM's 10k row, diffusion's guidance-3.5
-# 10k row and the committed nfe and snr sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
+# With a GPU but without the data or the FID network there (the served 10k rows, the diffusion 10k rows drawn in
+# batches of 500 and the committed nfe and snr sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
 # run the same commands here without --sample-only; they measure those samples and record the machine that drew them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
