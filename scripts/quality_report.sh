@@ -12,11 +12,17 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 EVAL="$PY -m training.evaluate"
 part=${1:-all}
-# the diffusion weights of step 39441 (served until the third GPU stretch), from the git history: the sweeps, the
-# nfe curves and the older 10k rows were measured on them
-D39441=$(mktemp -d)
-trap 'rm -rf "$D39441"' EXIT
-for f in model.safetensors config.json; do git show e89db50:checkpoints/diffusion/$f > "$D39441/$f"; done
+# checkpoint_at COMMIT MODEL: the model's checkpoint as committed then, in a folder removed on exit
+OLD=$(mktemp -d)
+trap 'rm -rf "$OLD"' EXIT
+checkpoint_at() {
+  mkdir "$OLD/$2-$1"
+  for f in model.safetensors config.json; do git show "$1:checkpoints/$2/$f" > "$OLD/$2-$1/$f"; done
+  echo "$OLD/$2-$1"
+}
+# the diffusion weights of step 39441 (served until the third GPU stretch): the sweeps, the nfe curves and the older
+# 10k rows were measured on them
+D39441=$(checkpoint_at e89db50 diffusion)
 
 if [[ $part == all || $part == references ]]; then
   $PY -m training.fid_references --n 1000 2000 --test-sizes 1000 2500 5000 10000   # ~1.5 h here
@@ -107,10 +113,8 @@ if [[ $part == all || $part == served ]]; then
   # every digit at 1,000 samples, without Inception (a minute): the per-digit accuracy target
   $EVAL --model gan --n-samples 10000 --reference-size 1000 --no-fid --out docs/quality/gan-class-accuracy-at-10000.json
   # the GAN as served before its BatchNorm and mode-seeking fixes (step 6384), from the git history
-  before=$(mktemp -d)
-  for f in model.safetensors config.json; do git show c1794d0524d03e4d34f397fe6d0287af3609b57a:checkpoints/gan/$f > "$before/$f"; done
-  $EVAL --model gan --checkpoint "$before" --n-samples 1000 --reference-size 1000 --out docs/quality/gan-before-fixes-step-6384.json
-  rm -r "$before"
+  $EVAL --model gan --checkpoint "$(checkpoint_at c1794d0524d03e4d34f397fe6d0287af3609b57a gan)" --n-samples 1000 \
+    --reference-size 1000 --out docs/quality/gan-before-fixes-step-6384.json
   $PY -m training.ebm_ood --n 500
 fi
 if [[ $part == all || $part == grids ]]; then
