@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every quality figure and grid in the README, from the committed checkpoints, in one command:
 #   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
-#   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500)
+#   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500 and 2,000)
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 # With a GPU but without the data or the FID network there (the served 10k rows, the diffusion 10k rows drawn in
@@ -56,6 +56,12 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-linspace-guidance-4.5-off-above-882 '{"timestep_spacing": "linspace", "guidance_scale": 4.5, "guidance_t_max": 882}'  # served
   sweep dpm-linspace-guidance-4 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 4}'
   sweep dpm-linspace-guidance-3.5 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3.5}'
+  # the served default re-checked on the step-48463 weights at N = 2,000 (same seed): against a lower scale, and
+  # against guidance over fewer steps (off above t = 750, and at the last step, t = 0); neither adopted
+  check() { $EVAL --model diffusion --n-samples 2000 --params "$2" --out "docs/quality/diffusion-step-48463-$1.json"; }
+  check at-2000 '{"guidance_scale": 4.5}'
+  check guidance-3.5-at-2000 '{"guidance_scale": 3.5}'
+  check guidance-off-above-750-at-2000 '{"guidance_scale": 4.5, "guidance_t_min": 1, "guidance_t_max": 750}'
   # the EBM at its served default but with linspace levels (not adopted: README section 5)
   $EVAL --model ebm --n-samples 500 --params '{"timestep_spacing": "linspace"}' --out docs/quality/ebm-sweep-linspace-guidance-4.json
 fi
