@@ -23,6 +23,8 @@ checkpoint_at() {
 # the diffusion weights of step 39441 (served until the third GPU stretch): the sweeps, the nfe curves and the older
 # 10k rows were measured on them
 D39441=$(checkpoint_at e89db50 diffusion)
+# the step-48463 weights (served now): the rows named after them stay on them when newer weights are served
+D48463=$(checkpoint_at 64d5cb2 diffusion)
 
 if [[ $part == all || $part == references ]]; then
   $PY -m training.fid_references --n 1000 2000 --test-sizes 1000 2500 5000 10000   # ~1.5 h here
@@ -58,7 +60,7 @@ if [[ $part == all || $part == sweeps ]]; then
   sweep dpm-linspace-guidance-3.5 '{"timestep_spacing": "linspace", "guidance_t_max": 999, "guidance_scale": 3.5}'
   # the served default re-checked on the step-48463 weights at N = 2,000 (same seed): against a lower scale, and
   # against guidance over fewer steps (off above t = 750, and at the last step, t = 0); neither adopted
-  check() { $EVAL --model diffusion --n-samples 2000 --params "$2" --out "docs/quality/diffusion-step-48463-$1.json"; }
+  check() { $EVAL --model diffusion --checkpoint "$D48463" --n-samples 2000 --params "$2" --out "docs/quality/diffusion-step-48463-$1.json"; }
   check at-2000 '{"guidance_scale": 4.5}'
   check guidance-3.5-at-2000 '{"guidance_scale": 3.5}'
   check guidance-off-above-750-at-2000 '{"guidance_scale": 4.5, "guidance_t_min": 1, "guidance_t_max": 750}'
@@ -88,10 +90,10 @@ if [[ $part == all || $part == served ]]; then
   # features (the first run also computes the reference's, then cached)
   $EVAL --model diffusion --n-samples 10000 --batch-size 500
   # guidance 5 instead of 4.5 (not adopted: README section 5), also drawn on a GPU in batches of 500
-  $EVAL --model diffusion --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 5}' \
+  $EVAL --model diffusion --checkpoint "$D48463" --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 5}' \
     --out docs/quality/diffusion-step-48463-guidance-5-at-10000.json
   # 16 steps instead of 20 (30 evaluations per guided image instead of 37; not adopted), drawn the same way
-  $EVAL --model diffusion --n-samples 10000 --batch-size 500 --params '{"steps": 16}' \
+  $EVAL --model diffusion --checkpoint "$D48463" --n-samples 10000 --batch-size 500 --params '{"steps": 16}' \
     --out docs/quality/diffusion-step-48463-16-steps-at-10000.json
   # the served setting on the step-39441 weights
   $EVAL --model diffusion --checkpoint "$D39441" --n-samples 10000 --out docs/quality/diffusion-step-39441-at-10000.json
