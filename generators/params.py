@@ -83,30 +83,43 @@ class Param:
         return schema
 
 
+RANDOM_CLASS = "random"  # a class label that asks for a class per image, drawn from the request's seed
+NO_CLASS = "none"  # a class label that asks for unconditional samples
+
+
 @dataclass(frozen=True)
 class ClassLabelParam(Param):
-    """A class given by name (case-insensitive) or by index; validates to the index."""
+    """A class given by name (case-insensitive) or by index; validates to the index. Two keywords besides:
+    RANDOM_CLASS is kept as it is (the pipeline draws the classes), NO_CLASS validates to absent."""
 
     kind: type = str
     choices: Sequence[str] = field(default_factory=tuple)
 
-    def coerce(self, value: Any) -> int:
+    @property
+    def keywords(self) -> list[str]:
+        return [RANDOM_CLASS, NO_CLASS]
+
+    def coerce(self, value: Any) -> int | str | None:
         names = [c.lower() for c in self.choices]
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
             return value
         if isinstance(value, str) and value.strip().lower() in names:
             return names.index(value.strip().lower())
+        if isinstance(value, str) and value.strip().lower() in self.keywords:
+            return None if value.strip().lower() == NO_CLASS else RANDOM_CLASS
         raise InvalidParameter(self.name, f"must be a class index in [0, {len(names) - 1}] or one of "
-                                          f"{list(self.choices)}, got {value!r}")
+                                          f"{list(self.choices) + self.keywords}, got {value!r}")
 
     def describe(self) -> dict:
-        return {"type": "string or integer", "help": self.help, "choices": list(self.choices),
-                "min": 0, "max": len(self.choices) - 1}
+        described = {"type": "string or integer", "help": self.help, "choices": list(self.choices) + self.keywords,
+                     "min": 0, "max": len(self.choices) - 1}
+        return described if self.default is None else dict(described, default=self.default)
 
     def json_schema(self) -> dict[str, Any]:
-        return {"description": f"{self.help} (the server also takes names in any case)",
-                "oneOf": [{"type": "string", "enum": list(self.choices)},
-                          {"type": "integer", "minimum": 0, "maximum": len(self.choices) - 1}]}
+        schema = {"description": f"{self.help} (the server also takes names in any case)",
+                  "oneOf": [{"type": "string", "enum": list(self.choices) + self.keywords},
+                            {"type": "integer", "minimum": 0, "maximum": len(self.choices) - 1}]}
+        return schema if self.default is None else dict(schema, default=self.default)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -215,10 +228,10 @@ def validate(body: Any, specs: Sequence[Param]) -> dict[str, Any]:
         raise InvalidParameter(unknown[0], f"unknown parameter; accepted: {sorted(by_name)}")
     out = {}
     for p in specs:
-        if body.get(p.name) is not None or p.required:
-            out[p.name] = p.coerce(body.get(p.name))
-        elif p.default is not None:
-            out[p.name] = p.default
+        given = body.get(p.name) is not None or p.required
+        value = p.coerce(body.get(p.name)) if given else p.default
+        if value is not None:  # None: absent (not given and no default, or given as a keyword meaning none)
+            out[p.name] = value
     return out
 
 

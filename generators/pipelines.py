@@ -20,13 +20,15 @@ from generators.ebm import EnergyModel, LangevinConfig, annealed_langevin
 from generators.gan import GANConfig, Generator
 from generators.guidance import Guidance
 from generators.gaussian_diffusion import ScheduleConfig, alphas_cumprod
-from generators.params import COMMON_PARAMS, ClassLabelParam, InvalidParameter, Param, PNGImagesParam, describe
+from generators.params import (COMMON_PARAMS, NO_CLASS, RANDOM_CLASS, ClassLabelParam, InvalidParameter, Param,
+                               PNGImagesParam, describe)
 from generators.schedulers import SCHEDULERS, SPACINGS, Noise, make_scheduler
 from generators.unet import UNet, UNetConfig
 
 Progress = Callable[[int, int], None]  # (steps done, total steps), called after every sampling step
 
 MAX_IMAGES = int(next(p.high for p in COMMON_PARAMS if p.name == "n_images"))  # the most one request may ask for
+LABEL_STREAM = 0x9E3779B9  # xor-ed into a request's seed to draw its random classes apart from its noise
 
 
 @torch.no_grad()
@@ -65,8 +67,9 @@ def class_params(class_names: list[str], default_guidance: float) -> list[Param]
     if not class_names:
         return []
     return [
-        ClassLabelParam("class_label", choices=tuple(class_names),
-                        help="CIFAR-10 class name or index; absent: unconditional"),
+        ClassLabelParam("class_label", default=RANDOM_CLASS, choices=tuple(class_names),
+                        help=f"CIFAR-10 class name or index; {RANDOM_CLASS!r}: a class per image drawn from "
+                             f"the seed; {NO_CLASS!r}: unconditional"),
         Param("guidance_scale", float, default_guidance, 0.0, 20.0,
               help="classifier-free guidance with class_label; 1 = plain conditional"),
     ]
@@ -84,13 +87,25 @@ def guided(params: dict[str, Any]) -> bool:
     return "class_label" in params and params.get("guidance_scale", 1.0) != 1.0
 
 
-def class_labels(requests: list[dict[str, Any]], null_class: int) -> torch.Tensor | None:
-    """A group's labels, request after request: None when no request asks for a class, else the null
-    class for the rows of those that do not (the networks read a missing label as exactly that)."""
+def request_classes(params: dict[str, Any], seed: int, num_classes: int) -> torch.Tensor:
+    """The labels of a request that asks for a class: that class, or for RANDOM_CLASS one per image drawn
+    from a stream of its own seeded by `seed`, so its noise is the same as with those classes asked by name."""
+    if params["class_label"] == RANDOM_CLASS:
+        stream = torch.Generator().manual_seed(seed ^ LABEL_STREAM)
+        return torch.randint(0, num_classes, (params["n_images"],), generator=stream)
+    return torch.full((params["n_images"],), params["class_label"], dtype=torch.long)
+
+
+def class_labels(requests: list[dict[str, Any]], generators: list[torch.Generator], num_classes: int,
+                 null_class: int) -> torch.Tensor | None:
+    """A group's labels, request after request (random classes from each request's generator's seed): None
+    when no request asks for a class, else the null class for the rows of those that do not (the networks
+    read a missing label as exactly that)."""
     if not any("class_label" in params for params in requests):
         return None
-    return torch.cat([torch.full((params["n_images"],), params.get("class_label", null_class), dtype=torch.long)
-                      for params in requests])
+    return torch.cat([request_classes(params, generator.initial_seed(), num_classes) if "class_label" in params
+                      else torch.full((params["n_images"],), null_class, dtype=torch.long)
+                      for params, generator in zip(requests, generators)])
 
 
 def request_noise(requests: list[dict[str, Any]], generators: list[torch.Generator]) -> Noise:
@@ -101,6 +116,7 @@ class Pipeline:
     """Base: holds the config; subclasses declare parameters, bound the work, and sample."""
 
     model_type = ""
+    class_names: list[str] = []  # the classes a request may ask for; empty for a model without classes
     max_work = 0  # bound on network evaluations x images per request; config["serving"]["max_work"] overrides
     work_fields = "n_images"  # the parameters that the work bound is about, named in its error
 
@@ -171,6 +187,13 @@ class Pipeline:
     def _fits(self, requests: list[dict[str, Any]], members: list[int]) -> bool:
         return (sum(self.work(requests[i]) for i in members) <= self.max_work
                 and sum(requests[i]["n_images"] for i in members) <= MAX_IMAGES)
+
+    def image_classes(self, params: dict[str, Any]) -> list[str] | None:
+        """The class names a request's images were sampled with (its seed decides random ones); None without."""
+        if "class_label" not in params:
+            return None
+        labels = request_classes(params, params["seed"], len(self.class_names))
+        return [self.class_names[int(k)] for k in labels]
 
     def scoring_specs(self) -> list[Param]:
         """Parameters of a scoring request (a body with "images"); empty for models that cannot score."""
@@ -256,7 +279,8 @@ class DiffusionPipeline(Pipeline):
         first = requests[0]
         return sample_diffusion(self.unet, self.alpha_bar, first["sampler"], first["steps"],
                                 sum(params["n_images"] for params in requests),
-                                class_labels(requests, self.unet.null_class), self.guidance(first),
+                                class_labels(requests, generators, len(self.class_names), self.unet.null_class),
+                                self.guidance(first),
                                 request_noise(requests, generators), progress, first["timestep_spacing"])
 
 
@@ -298,7 +322,8 @@ class EBMPipeline(Pipeline):
 
     def sample_group(self, requests, generators, progress=None):
         return annealed_langevin(self.energy, sum(params["n_images"] for params in requests),
-                                 class_labels(requests, self.energy.null_class), self.settings(requests[0]),
+                                 class_labels(requests, generators, len(self.class_names), self.energy.null_class),
+                                 self.settings(requests[0]),
                                  request_noise(requests, generators), progress)
 
     def scoring_specs(self):

@@ -171,8 +171,9 @@ class GeneratorHandler(BaseHandler):
         self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
         if params["format"] == "json":
             self.context.set_response_content_type(idx, "application/json")
+            classes = self.pipeline.image_classes(params)
             return {"images": [base64.b64encode(encode_png(image)).decode("ascii") for image in pixels],
-                    "seed": params["seed"], "parameters": params}
+                    "seed": params["seed"], "parameters": params, **({"classes": classes} if classes else {})}
         self.context.set_response_content_type(idx, "image/png")
         return encode_png(grid(pixels))
 

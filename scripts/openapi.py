@@ -37,7 +37,10 @@ COMMON_SCHEMAS: dict[str, Any] = {
         "description": 'The answer to "format": "json": one PNG per image.',
         "properties": {"images": {"type": "array", "items": BASE64_PNG},
                        "seed": {"type": "integer", "description": "the seed used"},
-                       "parameters": {"type": "object", "description": "the validated parameters, defaults filled in"}},
+                       "parameters": {"type": "object", "description": "the validated parameters, defaults filled in"},
+                       "classes": {"type": "array", "items": {"type": "string"},
+                                   "description": "each image's class name, for a request sampled with a class "
+                                                  "(absent when unconditional and for the gan)"}},
     },
     "Error": {
         "type": "object", "required": ["code", "error"],

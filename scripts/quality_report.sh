@@ -64,8 +64,11 @@ if [[ $part == all || $part == sweeps ]]; then
   check at-2000 '{"guidance_scale": 4.5}'
   check guidance-3.5-at-2000 '{"guidance_scale": 3.5}'
   check guidance-off-above-750-at-2000 '{"guidance_scale": 4.5, "guidance_t_min": 1, "guidance_t_max": 750}'
-  # the EBM at its served default but with linspace levels (not adopted: README section 5)
+  # unconditional samples (class_label "none"), against the random-class default's guided ones
+  check unconditional-at-2000 '{"class_label": "none"}'
+  # the EBM at its served default but with linspace levels (not adopted: README section 5), and unconditional
   $EVAL --model ebm --n-samples 500 --params '{"timestep_spacing": "linspace"}' --out docs/quality/ebm-sweep-linspace-guidance-4.json
+  $EVAL --model ebm --n-samples 2000 --params '{"class_label": "none"}' --out docs/quality/ebm-unconditional-at-2000.json
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector

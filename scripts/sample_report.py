@@ -30,9 +30,9 @@ from training.evaluate import machine  # noqa: E402
 # class, the case is one request per class (guidance from the checkpoint unless given), one class per grid column.
 CASES = [
     ("diffusion", "classes", {}, 4),
-    ("diffusion", "unconditional", {"n_images": 64}, 0),
+    ("diffusion", "unconditional", {"n_images": 64, "class_label": "none"}, 0),
     ("ebm", "classes", {}, 4),
-    ("ebm", "unconditional", {"n_images": 64}, 0),
+    ("ebm", "unconditional", {"n_images": 64, "class_label": "none"}, 0),
     ("gan", "random-digits", {"n_images": 64}, 0),
 ]
 

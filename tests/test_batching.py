@@ -30,25 +30,27 @@ def validated(pipeline, bodies: list[dict]) -> list[dict]:
     return [validate(body, pipeline.param_specs()) for body in bodies]
 
 
-# Requests that can share one group: other seeds, sizes and labels; a request without a label beside
-# conditional ones whose guidance acts at no step (tiny checkpoints: 4 steps, 3 levels, guidance 2 by default).
+# Requests that can share one group: other seeds, sizes and labels (random classes among them); an unconditional
+# request beside conditional ones whose guidance acts at no step (tiny checkpoints: 4 steps, 3 levels, guidance 2
+# by default).
 COMPATIBLE = {
     "diffusion-ddim": ("diffusion", [
-        {"seed": 1, "n_images": 2}, {"seed": 2, "class_label": "cat", "guidance_scale": 1.0},
+        {"seed": 1, "n_images": 2, "class_label": "none"}, {"seed": 2, "class_label": "cat", "guidance_scale": 1.0},
         {"seed": 3, "n_images": 3, "class_label": 5, "guidance_scale": 4.0, "guidance_t_max": 100}]),
     "diffusion-ddim-guided": ("diffusion", [
         {"seed": 4, "class_label": 1, "guidance_rescale": 0.5, "n_images": 2},
-        {"seed": 5, "class_label": 8, "guidance_rescale": 0.5}]),
+        {"seed": 5, "class_label": 8, "guidance_rescale": 0.5}, {"seed": 19, "n_images": 3, "guidance_rescale": 0.5}]),
     "diffusion-ddpm": ("diffusion", [
-        {"seed": 6, "sampler": "ddpm", "n_images": 2}, {"seed": 7, "sampler": "ddpm", "class_label": 2,
+        {"seed": 6, "sampler": "ddpm", "n_images": 2, "class_label": "none"}, {"seed": 7, "sampler": "ddpm", "class_label": 2,
                                                          "guidance_scale": 1.0}]),
     "diffusion-ddpm-guided": ("diffusion", [
         {"seed": 8, "sampler": "ddpm", "class_label": 3}, {"seed": 9, "sampler": "ddpm", "class_label": 9,
                                                              "n_images": 3}]),
     "diffusion-dpm++2m-guided": ("diffusion", [
         {"seed": 10, "sampler": "dpm++2m", "class_label": 0}, {"seed": 11, "sampler": "dpm++2m", "class_label": 4}]),
-    "ebm": ("ebm", [{"seed": 12, "n_images": 2}, {"seed": 13, "class_label": 6, "guidance_scale": 1.0}]),
-    "ebm-guided": ("ebm", [{"seed": 14, "class_label": 6}, {"seed": 15, "class_label": 2, "n_images": 2}]),
+    "ebm": ("ebm", [{"seed": 12, "n_images": 2, "class_label": "none"}, {"seed": 13, "class_label": 6, "guidance_scale": 1.0}]),
+    "ebm-guided": ("ebm", [{"seed": 14, "class_label": 6}, {"seed": 15, "class_label": 2, "n_images": 2},
+                           {"seed": 20, "n_images": 2}]),
     "gan": ("gan", [{"seed": 16, "n_images": 3}, {"seed": 17, "digit": 4}, {"seed": 18, "n_images": 2, "digit": 1}]),
 }
 
@@ -72,8 +74,8 @@ def test_requests_sampled_together_get_their_images_alone(pipelines, case):
 def test_incompatible_requests_are_grouped_apart_and_never_rejected(pipelines):
     diffusion = pipelines["diffusion"]
     requests = validated(diffusion, [
-        {"seed": 1},                                                # 0: unconditional ddim, 4 steps
-        {"seed": 2, "sampler": "ddpm"},                             # 1: other sampler
+        {"seed": 1, "class_label": "none"},                         # 0: unconditional ddim, 4 steps
+        {"seed": 2, "sampler": "ddpm"},                             # 1: other sampler (a random class)
         {"seed": 3, "steps": 5},                                    # 2: other steps
         {"seed": 4, "class_label": 1},                              # 3: guided at scale 2
         {"seed": 5, "class_label": 2, "guidance_scale": 3.0},       # 4: another scale
@@ -87,7 +89,7 @@ def test_incompatible_requests_are_grouped_apart_and_never_rejected(pipelines):
     assert diffusion.groups(requests) == [[0, 7], [1], [2, 9], [3, 8], [4], [5], [6], [10]]
     ebm = pipelines["ebm"]
     requests = validated(ebm, [
-        {"seed": 1}, {"seed": 2, "levels": 4}, {"seed": 3, "corrector_steps": 2}, {"seed": 4, "snr": 0.1},
+        {"seed": 1, "class_label": "none"}, {"seed": 2, "levels": 4}, {"seed": 3, "corrector_steps": 2}, {"seed": 4, "snr": 0.1},
         {"seed": 5, "class_label": 1}, {"seed": 6, "class_label": 2, "guidance_scale": 3.0},
         {"seed": 7, "class_label": 3, "guidance_scale": 1.0}, {"seed": 8, "class_label": 4},
         {"seed": 9, "timestep_spacing": "linspace"}])
@@ -99,7 +101,7 @@ def test_incompatible_requests_are_grouped_apart_and_never_rejected(pipelines):
 def test_a_group_stays_within_one_requests_limits(pipelines):
     diffusion = pipelines["diffusion"]
     steps = diffusion.max_work // (3 * 8)  # 8 unconditional images at this many steps: a third of max_work
-    requests = validated(diffusion, [{"seed": s, "n_images": 8, "steps": steps} for s in range(4)])
+    requests = validated(diffusion, [{"seed": s, "n_images": 8, "steps": steps, "class_label": "none"} for s in range(4)])
     assert sum(diffusion.work(r) for r in requests) > diffusion.max_work
     groups = diffusion.groups(requests)
     assert groups == [[0, 1, 2], [3]]
@@ -108,6 +110,31 @@ def test_a_group_stays_within_one_requests_limits(pipelines):
     requests = validated(gan, [{"n_images": 40}, {"n_images": 30}, {"n_images": 24}, {"n_images": 1}])
     assert gan.groups(requests) == [[0, 2], [1, 3]]
     assert all(sum(requests[i]["n_images"] for i in g) <= MAX_IMAGES for g in gan.groups(requests))
+
+
+def test_random_classes_come_from_the_seed_and_leave_its_noise_alone(tmp_path):
+    """The default class_label draws a class per image from the seed, on a stream apart from the noise: each image
+    equals the one sampled with its class asked by name, and image_classes names those classes."""
+    pipeline = load_pipeline(tiny_checkpoint(tmp_path / "diffusion", "diffusion"))
+    torch.manual_seed(1)
+    for weight in pipeline.unet.parameters():  # the untrained net's zero-initialised layers would ignore the class
+        weight.add_(0.05 * torch.randn_like(weight))
+
+    def images(body: dict) -> torch.Tensor:
+        params = validate(dict(body, n_images=8), pipeline.param_specs())
+        return pipeline.sample(params, torch.Generator().manual_seed(params["seed"]))
+
+    params = validate({"seed": 7, "n_images": 8}, pipeline.param_specs())
+    classes = pipeline.image_classes(params)
+    assert len(classes) == 8 and len(set(classes)) > 1
+    assert classes == pipeline.image_classes(dict(params)) != pipeline.image_classes(dict(params, seed=8))
+    random = images({"seed": 7})
+    for name in set(classes):
+        named = images({"seed": 7, "class_label": name})
+        for i in (i for i, c in enumerate(classes) if c == name):
+            assert (random[i] - named[i]).abs().max() < 1e-5, (i, name)
+    other = next(c for c in pipeline.class_names if c != classes[0])
+    assert (random[0] - images({"seed": 7, "class_label": other})[0]).abs().max() > 1e-3  # the class matters
 
 
 def handle(handler, model_dir, bodies: list) -> tuple[list, list[int]]:
@@ -176,12 +203,12 @@ def test_the_handler_samples_a_batch_in_groups_and_counts_them(tmp_path, caplog)
 
 # Distinct seeds and parameters, cheap steps: groups [0, 1], [2, 3], [4], [5], [6] (in arrival order); one bad request.
 LIVE_BODIES = [
-    {"steps": 4, "seed": 101, "n_images": 2},
+    {"steps": 4, "seed": 101, "n_images": 2, "class_label": "none"},
     {"steps": 4, "seed": 102, "class_label": "cat", "guidance_scale": 1.0},
     {"steps": 4, "seed": 103, "class_label": "ship"},
     {"steps": 4, "seed": 104, "class_label": "dog", "n_images": 3},
     {"steps": 4, "seed": 105, "sampler": "ddpm", "class_label": "frog"},
-    {"steps": 4, "seed": 106, "sampler": "ddpm"},
+    {"steps": 4, "seed": 106, "sampler": "ddpm", "class_label": "none"},
     {"steps": 3, "seed": 107, "class_label": "truck", "guidance_scale": 2.0},
     {"steps": 0},
 ]

@@ -74,6 +74,25 @@ def test_same_seed_same_bytes_and_json_format(loaded):
     Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).verify()
 
 
+def test_json_answer_names_each_images_class(loaded):
+    """Random classes (the default) are named per image; a named class repeats; unconditional and GAN answers
+    carry no classes."""
+    model_type, handler, model_dir = loaded
+    if model_type == "gan":
+        outputs, _, _ = run(handler, model_dir, [{"seed": 7, "n_images": 3, "format": "json"}])
+        assert "classes" not in outputs[0]
+        return
+    names = handler.pipeline.class_names
+    outputs, statuses, _ = run(handler, model_dir, [
+        {"seed": 7, "n_images": 6, "format": "json"}, {"seed": 7, "n_images": 2, "format": "json", "class_label": 3},
+        {"seed": 7, "n_images": 2, "format": "json", "class_label": "none"}])
+    assert statuses == [200] * 3
+    assert len(outputs[0]["classes"]) == 6 and set(outputs[0]["classes"]) <= set(names)
+    assert outputs[0]["parameters"]["class_label"] == "random"
+    assert outputs[1]["classes"] == [names[3]] * 2
+    assert "classes" not in outputs[2] and "class_label" not in outputs[2]["parameters"]
+
+
 def test_work_cap_is_a_400(loaded):
     _, handler, model_dir = loaded
     handler.pipeline.max_work = 10

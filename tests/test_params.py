@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generators.params import (COMMON_PARAMS, PNG_SIGNATURE, ClassLabelParam, InvalidParameter, Param,
-                               PNGImagesParam, parse_request, validate)
+from generators.params import (COMMON_PARAMS, NO_CLASS, PNG_SIGNATURE, RANDOM_CLASS, ClassLabelParam,
+                               InvalidParameter, Param, PNGImagesParam, parse_request, validate)
 
 SPECS = list(COMMON_PARAMS) + [
     Param("steps", int, 50, 1, 1000),
@@ -34,6 +34,17 @@ def test_accepts_valid_values():
     assert out["guidance_scale"] == 3.0 and isinstance(out["guidance_scale"], float)
     assert out["class_label"] == 1
     assert validate({"class_label": 0}, SPECS)["class_label"] == 0
+
+
+def test_class_keywords_random_by_default_and_none_for_unconditional():
+    specs = SPECS[:-1] + [ClassLabelParam("class_label", default=RANDOM_CLASS, choices=("airplane", "cat"))]
+    assert validate({}, specs)["class_label"] == RANDOM_CLASS
+    assert validate({"class_label": " Random"}, specs)["class_label"] == RANDOM_CLASS
+    assert "class_label" not in validate({"class_label": "NONE"}, specs)
+    assert validate({"class_label": "cat"}, specs)["class_label"] == 1
+    with pytest.raises(InvalidParameter, match="'random', 'none'"):
+        validate({"class_label": "any"}, specs)
+    assert NO_CLASS in specs[-1].describe()["choices"] and specs[-1].describe()["default"] == RANDOM_CLASS
 
 
 @pytest.mark.parametrize("body,field", [

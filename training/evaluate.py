@@ -10,7 +10,8 @@ of --reference-size training images (10k by default; cached). FID is biased upwa
 compare FIDs only at equal N (training/fid_references.py gives real-data references per N); KID
 is unbiased. Colour figures the FID hardly sees: the mean per-image pixel std and the fraction
 of clipped pixels (a channel at 0 or 255), beside the same for the real reference images.
-Class-conditional models are sampled N/10 per class with their defaults; our own classifier
+Class-conditional models are sampled N/10 per class with their defaults (or unconditionally, with
+--params '{"class_label": "none"}'); our own classifier
 (training/train_classifier.py) gives the agreement with the asked class, overall and per class; the
 within-class spread (mean distance between two samples of one class) shows a generator that ignores its noise;
 and, for MNIST, the Frechet distance in its features (FID-M), a figure the GAN targets.
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from generators.checkpoint import atomic_write_bytes
 from generators.gaussian_diffusion import ScheduleConfig
 from generators.imaging import to_uint8
-from generators.params import validate
+from generators.params import NO_CLASS, validate
 from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_eval_device
@@ -49,8 +50,9 @@ from training.fid import (CACHE_DIR, frechet_distance, inception_features, kerne
 
 # model -> (data set its classifier and reference images come from, parameter that picks a class)
 MODELS = {"diffusion": ("cifar10", "class_label"), "ebm": ("cifar10", "class_label"), "gan": ("mnist", "digit")}
-# set by the evaluation itself, so not accepted in --params
+# set by the evaluation itself, so not accepted in --params, except class_label "none" (UNCONDITIONAL)
 RESERVED = {"n_images", "seed", "format", "class_label", "digit"}
+UNCONDITIONAL = {"class_label": NO_CLASS}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", choices=sorted(MODELS), required=True)
@@ -104,7 +106,7 @@ def sample(pipeline: Pipeline, body: dict[str, Any], class_param: str | None, nu
     draws the same images.
     """
     specs = pipeline.param_specs()
-    conditional = class_param is not None and class_param in {p.name for p in specs}
+    conditional = class_param in {p.name for p in specs} and body.get(class_param) != NO_CLASS
     classes = list(range(num_classes)) if conditional else [None]
     counts = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
     batches = [(k, min(batch_size, count - start)) for k, count in zip(classes, counts)
@@ -142,8 +144,10 @@ def sampling_machine(progress_dir: Path) -> dict[str, Any] | None:
 
 
 def resolved_params(pipeline: Pipeline, body: dict[str, Any]) -> dict[str, Any]:
-    """A request body with the checkpoint's defaults filled in, without what the evaluation sets itself."""
-    return {k: v for k, v in validate(body, pipeline.param_specs()).items() if k not in RESERVED}
+    """A request body with the checkpoint's defaults filled in, without what the evaluation sets itself
+    (class_label "none" is kept: it says the samples are unconditional)."""
+    resolved = {k: v for k, v in validate(body, pipeline.param_specs()).items() if k not in RESERVED}
+    return dict(resolved, **UNCONDITIONAL) if body.get("class_label") == NO_CLASS else resolved
 
 
 def progress_path(args: argparse.Namespace, weights_sha256: str | None, params: dict[str, Any]) -> Path:
@@ -230,8 +234,11 @@ def main() -> None:
     dataset, class_param = MODELS[args.model]
     checkpoint = args.checkpoint or ROOT / "checkpoints" / args.model
     body = json.loads(args.params)
-    if not isinstance(body, dict) or RESERVED & set(body):
+    if not isinstance(body, dict) or RESERVED & set(body) - set(UNCONDITIONAL):
         raise SystemExit(f"--params must be a JSON object without {sorted(RESERVED)}")
+    if body.get("class_label", NO_CLASS) != NO_CLASS:
+        raise SystemExit(f"--params: class_label may only be {NO_CLASS!r} (unconditional); "
+                         "otherwise the evaluation asks for every class itself")
 
     pipeline = load_pipeline(checkpoint, device)
     if pipeline.model_type != args.model:
