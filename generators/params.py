@@ -85,6 +85,7 @@ class Param:
 
 RANDOM_CLASS = "random"  # a class label that asks for a class per image, drawn from the request's seed
 NO_CLASS = "none"  # a class label that asks for unconditional samples
+CLASS_KEYWORDS = [RANDOM_CLASS, NO_CLASS]
 
 
 @dataclass(frozen=True)
@@ -95,29 +96,26 @@ class ClassLabelParam(Param):
     kind: type = str
     choices: Sequence[str] = field(default_factory=tuple)
 
-    @property
-    def keywords(self) -> list[str]:
-        return [RANDOM_CLASS, NO_CLASS]
-
     def coerce(self, value: Any) -> int | str | None:
         names = [c.lower() for c in self.choices]
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
             return value
-        if isinstance(value, str) and value.strip().lower() in names:
-            return names.index(value.strip().lower())
-        if isinstance(value, str) and value.strip().lower() in self.keywords:
-            return None if value.strip().lower() == NO_CLASS else RANDOM_CLASS
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in names:
+            return names.index(word)
+        if word in CLASS_KEYWORDS:
+            return RANDOM_CLASS if word == RANDOM_CLASS else None
         raise InvalidParameter(self.name, f"must be a class index in [0, {len(names) - 1}] or one of "
-                                          f"{list(self.choices) + self.keywords}, got {value!r}")
+                                          f"{list(self.choices) + CLASS_KEYWORDS}, got {value!r}")
 
     def describe(self) -> dict:
-        described = {"type": "string or integer", "help": self.help, "choices": list(self.choices) + self.keywords,
+        described = {"type": "string or integer", "help": self.help, "choices": list(self.choices) + CLASS_KEYWORDS,
                      "min": 0, "max": len(self.choices) - 1}
         return described if self.default is None else dict(described, default=self.default)
 
     def json_schema(self) -> dict[str, Any]:
         schema = {"description": f"{self.help} (the server also takes names in any case)",
-                  "oneOf": [{"type": "string", "enum": list(self.choices) + self.keywords},
+                  "oneOf": [{"type": "string", "enum": list(self.choices) + CLASS_KEYWORDS},
                             {"type": "integer", "minimum": 0, "maximum": len(self.choices) - 1}]}
         return schema if self.default is None else dict(schema, default=self.default)
 

@@ -187,3 +187,5 @@ def test_describe_sampling_names_a_guidance_interval_and_rescale():
                "timestep_spacing": "linspace"}
     assert describe_sampling(limited, True) == "DPM++2M 20 linspace steps, guidance 4 at t 167-882, rescale 0.7"
     assert describe_sampling(limited, False) == "DPM++2M 20 linspace steps, unconditional"
+    assert describe_sampling({**limited, "class_label": "random"}, True) == \
+        "DPM++2M 20 linspace steps, random class per image, guidance 4 at t 167-882, rescale 0.7"

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from generators.checkpoint import atomic_write_bytes
 from generators.gaussian_diffusion import ScheduleConfig
 from generators.imaging import to_uint8
-from generators.params import NO_CLASS, validate
+from generators.params import NO_CLASS, RANDOM_CLASS, validate
 from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_eval_device
@@ -193,11 +193,12 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
     """Validated sampling parameters in words: 'DDIM 20 linspace steps, guidance 2 at t 167-882, rescale 0.7',
-    'Langevin 20 trailing levels, 1 corrector step, snr 0.16, guidance 2' (results measured before there was a
+    'Langevin 20 trailing levels, 1 corrector step, snr 0.16, random class per image, guidance 4' (results measured before there was a
     choice of spacing have none in their parameters: they were trailing)."""
     if "sampler" not in params and "levels" not in params:
         return "one forward pass"
-    guidance = f", guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
+    random = "random class per image, " if params.get("class_label") == RANDOM_CLASS else ""
+    guidance = f", {random}guidance {params['guidance_scale']:g}" if conditional else ", unconditional"
     last = ScheduleConfig().num_train_timesteps - 1  # the served schedule's: guidance_t_max's default
     t_min, t_max = params.get("guidance_t_min", 0), params.get("guidance_t_max", last)
     if conditional and (t_min > 0 or t_max < last):
