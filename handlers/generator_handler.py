@@ -144,7 +144,7 @@ class GeneratorHandler(BaseHandler):
             for i in due:
                 self.progress_sent[i] = tenths
                 self.context.set_response_content_type(i, PROGRESS_CONTENT_TYPE)
-                self.context.set_response_header(i, "X-Seed", str(streaming[i]["seed"]))
+                self._set_sample_headers(i, streaming[i])
             send_intermediate_predict_response({i: event for i in due}, {i: self.context.request_ids[i] for i in due},
                                                "Intermediate Prediction success", 200, self.context)
 
@@ -168,14 +168,22 @@ class GeneratorHandler(BaseHandler):
             self.context.set_response_content_type(idx, "application/json")
             return {"energies": output.tolist(), "timestep": params["timestep"]}
         pixels = to_uint8(output)
-        self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
+        classes = self._set_sample_headers(idx, params)
         if params["format"] == "json":
             self.context.set_response_content_type(idx, "application/json")
-            classes = self.pipeline.image_classes(params)
             return {"images": [base64.b64encode(encode_png(image)).decode("ascii") for image in pixels],
                     "seed": params["seed"], "parameters": params, **({"classes": classes} if classes else {})}
         self.context.set_response_content_type(idx, "image/png")
         return encode_png(grid(pixels))
+
+    def _set_sample_headers(self, idx: int, params: dict) -> list[str] | None:
+        """X-Seed, and X-Classes (each image's class name, comma-separated, grid order) for a request sampled with
+        a class, so a PNG answer says what a random class drew; returns those classes."""
+        self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
+        classes = self.pipeline.image_classes(params)
+        if classes:
+            self.context.set_response_header(idx, "X-Classes", ",".join(classes))
+        return classes
 
     def describe_handle(self) -> dict[str, Any]:
         model = (self.manifest or {}).get("model", {})

@@ -105,7 +105,10 @@ def operation(model: str, pipeline: Pipeline) -> dict[str, Any]:
                 "description": "A PNG (one image, or a grid for n_images > 1), or JSON with format json"
                                + (" or a scoring request" if scores else ""),
                 "headers": {"X-Seed": {"description": "the seed used" + (" (absent for scoring)" if scores else ""),
-                                       "schema": {"type": "string"}}},
+                                       "schema": {"type": "string"}},
+                            **({"X-Classes": {"description": "each image's class name, comma-separated in grid order, "
+                                                             "for a request sampled with a class",
+                                              "schema": {"type": "string"}}} if pipeline.class_names else {})},
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                             JSON: {"schema": answers},
                             PROGRESS_CONTENT_TYPE: {"schema": {

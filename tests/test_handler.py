@@ -75,22 +75,24 @@ def test_same_seed_same_bytes_and_json_format(loaded):
 
 
 def test_json_answer_names_each_images_class(loaded):
-    """Random classes (the default) are named per image; a named class repeats; unconditional and GAN answers
-    carry no classes."""
+    """Random classes (the default) are named per image, in the JSON and in the X-Classes header of a PNG answer;
+    a named class repeats; unconditional and GAN answers carry no classes."""
     model_type, handler, model_dir = loaded
     if model_type == "gan":
-        outputs, _, _ = run(handler, model_dir, [{"seed": 7, "n_images": 3, "format": "json"}])
-        assert "classes" not in outputs[0]
+        outputs, _, headers = run(handler, model_dir, [{"seed": 7, "n_images": 3, "format": "json"}])
+        assert "classes" not in outputs[0] and "X-Classes" not in headers[0]
         return
     names = handler.pipeline.class_names
-    outputs, statuses, _ = run(handler, model_dir, [
+    outputs, statuses, headers = run(handler, model_dir, [
         {"seed": 7, "n_images": 6, "format": "json"}, {"seed": 7, "n_images": 2, "format": "json", "class_label": 3},
-        {"seed": 7, "n_images": 2, "format": "json", "class_label": "none"}])
-    assert statuses == [200] * 3
+        {"seed": 7, "n_images": 2, "format": "json", "class_label": "none"}, {"seed": 7, "n_images": 6}])
+    assert statuses == [200] * 4
     assert len(outputs[0]["classes"]) == 6 and set(outputs[0]["classes"]) <= set(names)
     assert outputs[0]["parameters"]["class_label"] == "random"
     assert outputs[1]["classes"] == [names[3]] * 2
     assert "classes" not in outputs[2] and "class_label" not in outputs[2]["parameters"]
+    assert headers[0]["X-Classes"] == headers[3]["X-Classes"] == ",".join(outputs[0]["classes"])  # PNG too
+    assert headers[1]["X-Classes"] == f"{names[3]},{names[3]}" and "X-Classes" not in headers[2]
 
 
 def test_work_cap_is_a_400(loaded):

@@ -170,6 +170,7 @@ def test_progress_lines_then_the_same_png(server):
     response, chunks = post_chunks(server, "diffusion", dict(QUICK, progress=True))
     assert response.status_code == 200 and response.headers["X-Seed"] == str(QUICK["seed"])
     assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["X-Classes"] == plain.headers["X-Classes"]  # sent with the first line
     assert_progress_in_order(progress_events(chunks), QUICK["steps"])
     assert chunks[-1] == plain.content  # alone, the same bytes
 
