@@ -151,8 +151,10 @@ class Pipeline:
 
     def check_work(self, params: dict[str, Any]) -> None:
         if self.work(params) > self.max_work:
+            guidance = (f'; a guided step costs two evaluations: guidance_scale 1 or class_label "{NO_CLASS}" costs one'
+                        if guided(params) else "")
             raise InvalidParameter(self.work_fields, f"asks for {self.work(params)} image-evaluations; at most {self.max_work} "
-                                           f"per request (lower n_images or steps)")
+                                           f"per request (lower n_images or steps{guidance})")
 
     def sample(self, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """(n_images, C, H, W) in [-1, 1]."""

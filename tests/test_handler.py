@@ -105,6 +105,20 @@ def test_work_cap_is_a_400(loaded):
     assert statuses == [400] and "n_images" in outputs[0]["field"]
 
 
+def test_work_cap_error_says_what_guidance_costs(loaded):
+    """A request guided by default (a random class) that is over the cap hears how to halve its cost."""
+    model_type, handler, model_dir = loaded
+    if model_type == "gan":
+        return
+    handler.pipeline.max_work = 10
+    try:
+        outputs, statuses, _ = run(handler, model_dir, [{"n_images": 11}, {"n_images": 11, "class_label": "none"}])
+    finally:
+        handler.pipeline.max_work = type(handler.pipeline).max_work
+    assert statuses == [400, 400]
+    assert 'class_label "none"' in outputs[0]["error"] and "class_label" not in outputs[1]["error"]
+
+
 def test_metrics_are_recorded(loaded):
     _, handler, model_dir = loaded
     context = make_context(model_dir, 1)
