@@ -64,6 +64,8 @@ if [[ $part == all || $part == sweeps ]]; then
   check at-2000 '{"guidance_scale": 4.5}'
   check guidance-3.5-at-2000 '{"guidance_scale": 3.5}'
   check guidance-off-above-750-at-2000 '{"guidance_scale": 4.5, "guidance_t_min": 1, "guidance_t_max": 750}'
+  # the served setting without the guided evaluation of the last step (t = 0): 36 evaluations instead of 37
+  check guidance-from-t-1-at-2000 '{"guidance_scale": 4.5, "guidance_t_min": 1}'
   # unconditional samples (class_label "none"), against the random-class default's guided ones
   check unconditional-at-2000 '{"class_label": "none"}'
   # the EBM at its served default but with linspace levels (not adopted: README section 5), and unconditional
