@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             response = client.generate(args.model, params, version=args.version)
             body = response.content
         atomic_write_bytes(args.output, body)  # an interrupted run never leaves half a PNG
-        print(f"wrote {args.output} (seed {response.headers.get('X-Seed')})")
+        classes = response.headers.get("X-Classes")
+        print(f"wrote {args.output} (seed {response.headers.get('X-Seed')}"
+              + (f"; classes {classes.replace(',', ', ')}" if classes else "") + ")")
     elif args.command == "scale":
         print(client.scale(args.model, args.workers, version=args.version)["status"])
     elif args.command == "health":

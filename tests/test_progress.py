@@ -231,6 +231,8 @@ def test_the_client_shows_a_bar_and_writes_the_final_png(server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert output.read_bytes() == reference
     assert "diffusion sampling" in result.stderr and f"{QUICK['steps']}/{QUICK['steps']}" in result.stderr
+    classes = server.client().generate("diffusion", QUICK).headers["X-Classes"]  # a random class by default
+    assert result.stdout.strip() == f"wrote {output} (seed {QUICK['seed']}; classes {classes.replace(',', ', ')})"
 
     refused = subprocess.run(common + ["-p", "steps=0", "-o", str(tmp_path / "never.png")], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
