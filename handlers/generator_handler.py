@@ -142,9 +142,10 @@ class GeneratorHandler(BaseHandler):
                 return
             event = json.dumps({"progress": round(step / total, 4), "step": step, "steps": total}) + "\n"
             for i in due:
+                if i not in self.progress_sent:  # the context keeps them; they go out with the first line
+                    self.context.set_response_content_type(i, PROGRESS_CONTENT_TYPE)
+                    self._set_sample_headers(i, streaming[i])
                 self.progress_sent[i] = tenths
-                self.context.set_response_content_type(i, PROGRESS_CONTENT_TYPE)
-                self._set_sample_headers(i, streaming[i])
             send_intermediate_predict_response({i: event for i in due}, {i: self.context.request_ids[i] for i in due},
                                                "Intermediate Prediction success", 200, self.context)
 
