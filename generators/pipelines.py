@@ -87,13 +87,13 @@ def guided(params: dict[str, Any]) -> bool:
     return "class_label" in params and params.get("guidance_scale", 1.0) != 1.0
 
 
-def request_classes(params: dict[str, Any], seed: int, num_classes: int) -> torch.Tensor:
-    """The labels of a request that asks for a class: that class, or for RANDOM_CLASS one per image drawn
-    from a stream of its own seeded by `seed`, so its noise is the same as with those classes asked by name."""
-    if params["class_label"] == RANDOM_CLASS:
+def request_classes(label: int | str, n_images: int, seed: int, num_classes: int) -> torch.Tensor:
+    """A request's labels: its class `label` for every image, or for RANDOM_CLASS one per image drawn from a
+    stream of its own seeded by `seed`, so its noise is the same as with those classes asked by name."""
+    if label == RANDOM_CLASS:
         stream = torch.Generator().manual_seed(seed ^ LABEL_STREAM)
-        return torch.randint(0, num_classes, (params["n_images"],), generator=stream)
-    return torch.full((params["n_images"],), params["class_label"], dtype=torch.long)
+        return torch.randint(0, num_classes, (n_images,), generator=stream)
+    return torch.full((n_images,), label, dtype=torch.long)
 
 
 def class_labels(requests: list[dict[str, Any]], generators: list[torch.Generator], num_classes: int,
@@ -103,7 +103,8 @@ def class_labels(requests: list[dict[str, Any]], generators: list[torch.Generato
     read a missing label as exactly that)."""
     if not any("class_label" in params for params in requests):
         return None
-    return torch.cat([request_classes(params, generator.initial_seed(), num_classes) if "class_label" in params
+    return torch.cat([request_classes(params["class_label"], params["n_images"], generator.initial_seed(), num_classes)
+                      if "class_label" in params
                       else torch.full((params["n_images"],), null_class, dtype=torch.long)
                       for params, generator in zip(requests, generators)])
 
@@ -194,7 +195,7 @@ class Pipeline:
         """The class names a request's images were sampled with (its seed decides random ones); None without."""
         if "class_label" not in params:
             return None
-        labels = request_classes(params, params["seed"], len(self.class_names))
+        labels = request_classes(params["class_label"], params["n_images"], params["seed"], len(self.class_names))
         return [self.class_names[int(k)] for k in labels]
 
     def scoring_specs(self) -> list[Param]:
@@ -354,16 +355,23 @@ class GANPipeline(Pipeline):
 
     def param_specs(self):
         k = self.generator.config.num_classes
-        return super().param_specs() + [Param("digit", int, None, 0, k - 1, help="digit to draw; absent: random")]
+        return super().param_specs() + [Param("digit", int, None, 0, k - 1,
+                                              help="digit to draw; absent: a digit per image drawn from the seed")]
+
+    def image_classes(self, params):
+        """The digits drawn, random ones as the diffusion and EBM models draw random classes (apart from the
+        noise, so an image equals the one asked with its digit)."""
+        labels = request_classes(params.get("digit", RANDOM_CLASS), params["n_images"], params["seed"],
+                                 self.generator.config.num_classes)
+        return [str(int(k)) for k in labels]
 
     @torch.no_grad()
     def sample_group(self, requests, generators, progress=None):
         cfg = self.generator.config
         z = request_noise(requests, generators).randn((cfg.z_dim,))
-        labels = torch.cat([
-            torch.full((params["n_images"],), params["digit"], dtype=torch.long) if "digit" in params
-            else torch.randint(0, cfg.num_classes, (params["n_images"],), generator=generator)
-            for params, generator in zip(requests, generators)])
+        labels = torch.cat([request_classes(params.get("digit", RANDOM_CLASS), params["n_images"],
+                                            generator.initial_seed(), cfg.num_classes)
+                            for params, generator in zip(requests, generators)])
         images = self.generator(z.to(self.device), labels.to(self.device))
         if progress:
             progress(1, 1)  # a single forward pass

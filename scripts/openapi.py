@@ -106,9 +106,10 @@ def operation(model: str, pipeline: Pipeline) -> dict[str, Any]:
                                + (" or a scoring request" if scores else ""),
                 "headers": {"X-Seed": {"description": "the seed used" + (" (absent for scoring)" if scores else ""),
                                        "schema": {"type": "string"}},
-                            **({"X-Classes": {"description": "each image's class name, comma-separated in grid order, "
-                                                             "for a request sampled with a class",
-                                              "schema": {"type": "string"}}} if pipeline.class_names else {})},
+                            "X-Classes": {"description": "each image's class name, comma-separated in grid order, "
+                                                         "for a request sampled with a class" if pipeline.class_names
+                                                         else "each image's digit, comma-separated in grid order",
+                                          "schema": {"type": "string"}}},
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                             JSON: {"schema": answers},
                             PROGRESS_CONTENT_TYPE: {"schema": {

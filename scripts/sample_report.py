@@ -43,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=None, help="models to redo (default: all; other rows are kept)")
+    p.add_argument("--only", nargs="*", default=None, help="models to redo (default: all; other rows are kept, "
+                                                           "which needs the machine that timed them)")
+    p.add_argument("--grids-only", action="store_true",
+                   help="redraw the grids and leave docs/sampling_speed.json as it is (on another machine than the "
+                        "one that timed it)")
     return p.parse_args()
 
 
@@ -61,13 +65,22 @@ def sample_case(pipeline, params: dict, seed: int, per_class: int) -> tuple[torc
     return images, time.perf_counter() - start
 
 
+def same_machine(description: dict) -> dict:
+    """What makes timings comparable: the machine description without its kernel build."""
+    return {k: v for k, v in description.items() if k != "platform"}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     speed_file = args.out / "sampling_speed.json"
-    kept = [] if args.only is None or not speed_file.exists() else [
-        case for case in json.loads(speed_file.read_text())["cases"] if case["model"] not in args.only]
-    results = {"machine": machine(torch.device("cpu")), "cases": kept}
+    results = {"machine": machine(torch.device("cpu")), "cases": []}
+    if args.only is not None and speed_file.exists() and not args.grids_only:
+        timed = json.loads(speed_file.read_text())
+        if same_machine(timed["machine"]) != same_machine(results["machine"]):
+            raise SystemExit(f"{speed_file} was timed on another machine ({timed['machine']['cpu']}): redo every "
+                             "model, or pass --grids-only")
+        results["cases"] = [case for case in timed["cases"] if case["model"] not in args.only]
     for model, label, params, per_class in CASES:
         if args.only is not None and model not in args.only:
             continue
@@ -87,7 +100,8 @@ def main() -> None:
         print(f"{model:9s} {label:26s} {n:3d} images {seconds:7.2f} s  {1000 * seconds / n:8.1f} ms/image  -> {path}")
     order = {(m, label): i for i, (m, label, _, _) in enumerate(CASES)}
     results["cases"].sort(key=lambda case: order.get((case["model"], case["case"]), len(order)))
-    atomic_write_bytes(speed_file, (json.dumps(results, indent=2) + "\n").encode())
+    if not args.grids_only:
+        atomic_write_bytes(speed_file, (json.dumps(results, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -137,6 +137,26 @@ def test_random_classes_come_from_the_seed_and_leave_its_noise_alone(tmp_path):
     assert (random[0] - images({"seed": 7, "class_label": other})[0]).abs().max() > 1e-3  # the class matters
 
 
+def test_random_digits_come_from_the_seed_and_leave_its_noise_alone(tmp_path):
+    """The GAN draws a missing digit as the other models draw a random class: each image equals the one asked
+    with its digit, and image_classes names the digits."""
+    pipeline = load_pipeline(tiny_checkpoint(tmp_path / "gan", "gan"))
+
+    def images(body: dict) -> torch.Tensor:
+        params = validate(dict(body, n_images=8), pipeline.param_specs())
+        return pipeline.sample(params, torch.Generator().manual_seed(params["seed"]))
+
+    digits = pipeline.image_classes(validate({"seed": 7, "n_images": 8}, pipeline.param_specs()))
+    assert len(set(digits)) > 1
+    random = images({"seed": 7})
+    for digit in set(digits):
+        named = images({"seed": 7, "digit": int(digit)})
+        for i in (i for i, d in enumerate(digits) if d == digit):
+            assert (random[i] - named[i]).abs().max() < 1e-5, (i, digit)
+    other = next(d for d in range(10) if str(d) != digits[0])
+    assert (random[0] - images({"seed": 7, "digit": other})[0]).abs().max() > 1e-3  # the digit matters
+
+
 def handle(handler, model_dir, bodies: list) -> tuple[list, list[int]]:
     context = make_context(model_dir, len(bodies))
     outputs = handler.handle([{"body": b} for b in bodies], context)

@@ -112,6 +112,25 @@ def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
     assert result.stdout.strip().splitlines()[-1].startswith(f"| {model} | 0 | ")
 
 
+def test_reference_split_test_compares_with_test_images(classifiers, tmp_path):
+    """--reference-split test takes the real figures from the test images (their own cached features), and the
+    row says so; the same samples score another FID than against training images."""
+    checkpoint = tiny_checkpoint(tmp_path / "diffusion", "diffusion")
+    reports = {}
+    for split in ("train", "test"):
+        result = run("training.evaluate", "--model", "diffusion", "--checkpoint", str(checkpoint),
+                     "--classifier", str(classifiers["cifar10"] / "clf"),
+                     "--data", str(classifiers["cifar10"] / "data.npz"), "--n-samples", "20", "--reference-size", "16",
+                     "--batch-size", "10", "--fid-cache", str(tmp_path / "cache"), "--reference-split", split,
+                     "--out", str(tmp_path / f"{split}.json"))
+        reports[split] = json.loads((tmp_path / f"{split}.json").read_text())
+        assert reports[split]["reference"]["split"] == split
+        assert ("| 20 vs 16 test |" in result.stdout) == (split == "test")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert reports["train"]["fid"] != reports["test"]["fid"]
+    assert reports["train"]["real_pixels"] != reports["test"]["real_pixels"]
+
+
 def test_evaluate_without_fid_gives_the_same_class_figures(classifiers, tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "gan", "gan")
     common = ["--model", "gan", "--checkpoint", str(checkpoint), "--classifier", str(classifiers["mnist"] / "clf"),

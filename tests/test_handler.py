@@ -76,11 +76,14 @@ def test_same_seed_same_bytes_and_json_format(loaded):
 
 def test_json_answer_names_each_images_class(loaded):
     """Random classes (the default) are named per image, in the JSON and in the X-Classes header of a PNG answer;
-    a named class repeats; unconditional and GAN answers carry no classes."""
+    a named class repeats; unconditional answers carry no classes. The GAN names its digits the same way."""
     model_type, handler, model_dir = loaded
     if model_type == "gan":
-        outputs, _, headers = run(handler, model_dir, [{"seed": 7, "n_images": 3, "format": "json"}])
-        assert "classes" not in outputs[0] and "X-Classes" not in headers[0]
+        outputs, _, headers = run(handler, model_dir, [{"seed": 7, "n_images": 6, "format": "json"},
+                                                       {"seed": 7, "n_images": 2, "digit": 4}])
+        assert len(outputs[0]["classes"]) == 6 and set(outputs[0]["classes"]) <= set("0123456789")
+        assert len(set(outputs[0]["classes"])) > 1 and headers[0]["X-Classes"] == ",".join(outputs[0]["classes"])
+        assert headers[1]["X-Classes"] == "4,4"
         return
     names = handler.pipeline.class_names
     outputs, statuses, headers = run(handler, model_dir, [

@@ -6,7 +6,8 @@
     python -m training.evaluate --model ebm --n-samples 2000
 
 FID and KID are taken in the standard Inception-v3 features (training/fid.py) against a fixed set
-of --reference-size training images (10k by default; cached). FID is biased upwards at small N:
+of --reference-size training images (10k by default; cached), or with --reference-split test against test images,
+which the generator never saw. FID is biased upwards at small N:
 compare FIDs only at equal N (training/fid_references.py gives real-data references per N); KID
 is unbiased. Colour figures the FID hardly sees: the mean per-image pixel std and the fraction
 of clipped pixels (a channel at 0 or 255), beside the same for the real reference images.
@@ -60,7 +61,10 @@ parser.add_argument("--checkpoint", type=Path, default=None, help="generator dir
 parser.add_argument("--classifier", type=Path, default=None, help="default: checkpoints/classifiers/<dataset>")
 parser.add_argument("--data", type=Path, default=None, help="Keras-layout .npz (default: the shared copy)")
 parser.add_argument("--n-samples", type=int, default=2000)
-parser.add_argument("--reference-size", type=int, default=10000, help="training images the FID and KID compare with")
+parser.add_argument("--reference-size", type=int, default=10000, help="real images the FID and KID compare with")
+parser.add_argument("--reference-split", choices=("train", "test"), default="train",
+                    help="which split those come from: test images were never trained on, so a generator that "
+                         "copied its training images would score worse against them than against training images")
 parser.add_argument("--fid-cache", type=Path, default=CACHE_DIR, help="where real-image Inception features are kept")
 parser.add_argument("--params", default="{}", help="JSON of sampling parameters, as a request would give them")
 parser.add_argument("--batch-size", type=int, default=50,
@@ -182,7 +186,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
-QUALITY_HEADER = ["model", "training steps", "sampling", "N vs training images", "FID", "KID", "class accuracy (worst class)",
+QUALITY_HEADER = ["model", "training steps", "sampling", "N vs real images (training unless marked)", "FID", "KID", "class accuracy (worst class)",
                   "pixel std (real)", "clipped (real)", "within-class spread (real)", "FID-M"]
 
 
@@ -216,7 +220,8 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
     accuracy = result["class_accuracy"]
     real = result["real_pixels"]
     return [label, result["generator"]["steps"], describe_sampling(result["sampling_params"], accuracy is not None),
-            f"{result['n_samples']} vs {result['reference']['n']}",
+            f"{result['n_samples']} vs {result['reference']['n']}"
+            + (" test" if result["reference"].get("split") == "test" else ""),
             "—" if result["fid"] is None else f"{result['fid']:.1f}", "—" if result["kid"] is None else f"{result['kid']:.4f}",
             "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
             f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
@@ -255,22 +260,22 @@ def main() -> None:
     if args.sample_only:
         print(f"samples in {progress_dir}; run again without --sample-only to measure them")
         return
-    train = ImageDataset(args.data or DEFAULT_PATHS[dataset])
+    real = ImageDataset(args.data or DEFAULT_PATHS[dataset], split=args.reference_split)
     generator_training = pipeline.config.get("training", {})
-    if generator_training.get("data_sha256") not in (None, train.sha256):
-        print(f"warning: {checkpoint} was trained on other data than {train.path}")
+    if generator_training.get("data_sha256") not in (None, real.sha256):
+        print(f"warning: {checkpoint} was trained on other data than {real.path}")
     fid = kid = kid_std = None
     if not args.no_fid:
         inception = load_inception(device)
         features = inception_features(inception, images, args.batch_size)
-        real_features = reference_features(inception, train, args.reference_size, cache_dir=args.fid_cache)
+        real_features = reference_features(inception, real, args.reference_size, cache_dir=args.fid_cache)
         fid = frechet_distance(real_features, features)
         kid, kid_std = kernel_inception_distance(real_features, features)
     classifier_features, logits = classify(classifier, images, args.batch_size, device)
-    reference_idx, _ = real_subsets(len(train), args.reference_size)
+    reference_idx, _ = real_subsets(len(real), args.reference_size)
     fid_m = None
     if dataset == "mnist":
-        real_classifier_features, _ = classify(classifier, train.images[reference_idx], args.batch_size, device)
+        real_classifier_features, _ = classify(classifier, real.images[reference_idx], args.batch_size, device)
         fid_m = frechet_distance(real_classifier_features, classifier_features)
 
     result = {
@@ -279,22 +284,22 @@ def main() -> None:
         "kid": kid,
         "kid_std": kid_std,
         "n_samples": len(images),
-        "reference": {"split": "train", "n": args.reference_size, "features": "Inception-v3 pool3 (TF 2015-12-05)"},
+        "reference": {"split": args.reference_split, "n": args.reference_size, "features": "Inception-v3 pool3 (TF 2015-12-05)"},
         **pixel_statistics(images),
-        "real_pixels": pixel_statistics(train.images[reference_idx]),
+        "real_pixels": pixel_statistics(real.images[reference_idx]),
         "class_accuracy": None if labels is None else class_accuracy(logits, labels),
         "per_class_accuracy": None if labels is None else per_class_accuracy(logits, labels,
                                                                              classifier.config.num_classes),
         "fid_m": fid_m,
         "within_class_spread": None if labels is None else within_class_spread(images, labels),
-        "real_within_class_spread": within_class_spread(train.images[reference_idx], train.labels[reference_idx]),
+        "real_within_class_spread": within_class_spread(real.images[reference_idx], real.labels[reference_idx]),
         "seed": args.seed,
         "sampling_params": sampling_params,
         "generator": {"checkpoint": str(checkpoint), "steps": generator_training.get("steps"),
                       "weights_sha256": pipeline.config.get("weights_sha256")},
         "classifier": {"dataset": dataset, "test_accuracy": classifier_config.get("test_accuracy"),
                        "weights_sha256": classifier_config.get("weights_sha256")},
-        "data_sha256": train.sha256,
+        "data_sha256": real.sha256,
         "machine": machine(device),
         "sampling_machine": sampling_machine(progress_dir),
         "wall_seconds": round(time.monotonic() - started, 1),
