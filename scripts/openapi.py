@@ -40,7 +40,7 @@ COMMON_SCHEMAS: dict[str, Any] = {
                        "parameters": {"type": "object", "description": "the validated parameters, defaults filled in"},
                        "classes": {"type": "array", "items": {"type": "string"},
                                    "description": "each image's class name, for a request sampled with a class "
-                                                  "(absent when unconditional and for the gan)"}},
+                                                  "(absent when unconditional); for the gan, each image's digit"}},
     },
     "Error": {
         "type": "object", "required": ["code", "error"],
