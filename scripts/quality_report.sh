@@ -94,6 +94,9 @@ if [[ $part == all || $part == served ]]; then
   # drawn on a GPU in batches of 500 (the batch size names them): ~1 h of sampling here and ~45 min of Inception
   # features (the first run also computes the reference's, then cached)
   $EVAL --model diffusion --n-samples 10000 --batch-size 500
+  # the same samples (same seed and batch size) against 10,000 test images, which the model never trained on
+  $EVAL --model diffusion --n-samples 10000 --batch-size 500 --reference-split test \
+    --out docs/quality/diffusion-vs-test-images-at-10000.json
   # guidance 5 instead of 4.5 (not adopted: README section 5), also drawn on a GPU in batches of 500
   $EVAL --model diffusion --checkpoint "$D48463" --n-samples 10000 --batch-size 500 --params '{"guidance_scale": 5}' \
     --out docs/quality/diffusion-step-48463-guidance-5-at-10000.json
