@@ -186,8 +186,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
-QUALITY_HEADER = ["model", "training steps", "sampling", "N vs real images (training unless marked)", "FID", "KID", "class accuracy (worst class)",
-                  "pixel std (real)", "clipped (real)", "within-class spread (real)", "FID-M"]
+QUALITY_HEADER = ["model", "training steps", "sampling", "N vs real images (training unless marked)", "FID", "KID",
+                  "class accuracy (worst class)", "pixel std (real)", "clipped (real)", "within-class spread (real)",
+                  "FID-M"]
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
