@@ -358,19 +358,20 @@ class GANPipeline(Pipeline):
         return super().param_specs() + [Param("digit", int, None, 0, k - 1,
                                               help="digit to draw; absent: a digit per image drawn from the seed")]
 
+    def digits(self, params: dict[str, Any], seed: int) -> torch.Tensor:
+        """A request's digits: the one asked, or a random one per image drawn as the diffusion and EBM models draw
+        random classes (apart from the noise, so an image equals the one asked with its digit)."""
+        return request_classes(params.get("digit", RANDOM_CLASS), params["n_images"], seed,
+                               self.generator.config.num_classes)
+
     def image_classes(self, params):
-        """The digits drawn, random ones as the diffusion and EBM models draw random classes (apart from the
-        noise, so an image equals the one asked with its digit)."""
-        labels = request_classes(params.get("digit", RANDOM_CLASS), params["n_images"], params["seed"],
-                                 self.generator.config.num_classes)
-        return [str(int(k)) for k in labels]
+        return [str(int(k)) for k in self.digits(params, params["seed"])]
 
     @torch.no_grad()
     def sample_group(self, requests, generators, progress=None):
         cfg = self.generator.config
         z = request_noise(requests, generators).randn((cfg.z_dim,))
-        labels = torch.cat([request_classes(params.get("digit", RANDOM_CLASS), params["n_images"],
-                                            generator.initial_seed(), cfg.num_classes)
+        labels = torch.cat([self.digits(params, generator.initial_seed())
                             for params, generator in zip(requests, generators)])
         images = self.generator(z.to(self.device), labels.to(self.device))
         if progress:

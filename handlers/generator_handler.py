@@ -178,8 +178,8 @@ class GeneratorHandler(BaseHandler):
         return encode_png(grid(pixels))
 
     def _set_sample_headers(self, idx: int, params: dict) -> list[str] | None:
-        """X-Seed, and X-Classes (each image's class name, comma-separated, grid order) for a request sampled with
-        a class, so a PNG answer says what a random class drew; returns those classes."""
+        """X-Seed, and X-Classes (each image's class name or GAN digit, comma-separated, grid order) for a request
+        sampled with one, so a PNG answer says what a random class drew; returns those classes."""
         self.context.set_response_header(idx, "X-Seed", str(params["seed"]))
         classes = self.pipeline.image_classes(params)
         if classes:
