@@ -71,6 +71,8 @@ if [[ $part == all || $part == sweeps ]]; then
   # the EBM at its served default but with linspace levels (not adopted: README section 5), and unconditional
   $EVAL --model ebm --n-samples 500 --params '{"timestep_spacing": "linspace"}' --out docs/quality/ebm-sweep-linspace-guidance-4.json
   $EVAL --model ebm --n-samples 2000 --params '{"class_label": "none"}' --out docs/quality/ebm-unconditional-at-2000.json
+  # the EBM's served default at that N, for its precision and recall beside the diffusion model's at 2,000
+  $EVAL --model ebm --n-samples 2000 --out docs/quality/ebm-at-2000.json
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector

@@ -59,25 +59,32 @@ def references_table(docs: Path) -> str:
     degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
     refs = json.loads((docs / "quality" / "fid_references.json").read_text())
     # + 0.0 turns a KID that rounds to -0.0 into 0.0000; a KID below -0.00005 keeps its sign
-    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}"]
+    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}", precision_recall(r)]
             for n, r in refs["test_vs_train_by_size"].items()]
     fit = refs.get("test_vs_train_extrapolated")
     if fit:
         sizes = "/".join(f"{n / 1000:g}k" for n in fit["fitted_sizes"])
         rows.append([f"test images, {fit['target'][0]} vs {fit['target'][1]}: fit FID = a + c (1/n_1 + 1/n_2) "
-                     f"through {sizes}, a = {fit['a']:.2f}", f"{fit['fid']:.2f}", ""])
+                     f"through {sizes}, a = {fit['a']:.2f}", f"{fit['fid']:.2f}", "", ""])
     by_size = refs["ladder_by_size"]
     sizes, largest = list(by_size), by_size[max(by_size, key=int)]
     ladder_rows = [[name, *(cell for n in sizes for cell in (f"{by_size[n][name]['fid']:.1f}",
-                                                               f"{by_size[n][name]['kid']:.4f}")),
+                                                               f"{by_size[n][name]['kid']:.4f}",
+                                                               precision_recall(by_size[n][name]))),
                     f"{entry['pixel_std']:.3f}", f"{entry['clipped_fraction']:.4f}"] for name, entry in largest.items()]
     reference = refs["reference"]
-    ladder_rows.append([f"(the {reference['n']} training images of the reference)", *([""] * 2 * len(sizes)),
+    ladder_rows.append([f"(the {reference['n']} training images of the reference)", *([""] * 3 * len(sizes)),
                         f"{reference['pixel_std']:.3f}", f"{reference['clipped_fraction']:.4f}"])
-    ladder_header = ["real images vs 10k training images", *(h for n in sizes for h in (f"FID, N = {n}", f"KID, N = {n}")),
+    ladder_header = ["real images vs 10k training images",
+                     *(h for n in sizes for h in (f"FID, N = {n}", f"KID, N = {n}", f"precision / recall, N = {n}")),
                      "pixel std", "clipped"]
-    return (markdown_table(["real images vs 10k training images", "FID", "KID"], rows) + "\n\n"
+    return (markdown_table(["real images vs 10k training images", "FID", "KID", "precision / recall"], rows) + "\n\n"
             + markdown_table(ladder_header, ladder_rows))
+
+
+def precision_recall(entry: dict) -> str:
+    """'precision / recall' of a reference entry, or — for one measured before they were."""
+    return f"{entry['precision']:.3f} / {entry['recall']:.3f}" if "precision" in entry else "—"
 
 
 def ood_table(docs: Path) -> str:

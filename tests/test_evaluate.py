@@ -100,6 +100,8 @@ def test_evaluate_writes_quality_json(classifiers, tmp_path, model, dataset):
     report = json.loads((checkpoint / "quality.json").read_text())
     assert report["fid"] > 0 and abs(report["kid"]) < 10 and report["n_samples"] == 20
     assert report["reference"]["n"] == 16 and len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
+    assert report["precision_recall"] == {"n": 16, "k": 3}  # equal sets: 16 of the 20 samples against 16 real
     assert 0 <= report["pixel_std"] <= 1 and 0 <= report["clipped_fraction"] <= 1
     assert set(report["real_pixels"]) == {"pixel_std", "clipped_fraction"}
     assert 0.0 <= report["class_accuracy"] <= 1.0 and len(report["per_class_accuracy"]) == 10
@@ -139,10 +141,10 @@ def test_evaluate_without_fid_gives_the_same_class_figures(classifiers, tmp_path
     run("training.evaluate", *common, "--out", str(tmp_path / "full.json"))
     quick = run("training.evaluate", *common, "--no-fid", "--out", str(tmp_path / "quick.json"))
     full, report = (json.loads((tmp_path / name).read_text()) for name in ("full.json", "quick.json"))
-    assert report["fid"] is None and report["kid"] is None and full["fid"] > 0
+    assert report["fid"] is None and report["kid"] is None and report["precision"] is None and full["fid"] > 0
     for key in ("class_accuracy", "per_class_accuracy", "fid_m", "pixel_std", "clipped_fraction", "within_class_spread"):
         assert report[key] == full[key], key
-    assert "| — | — |" in quick.stdout.strip().splitlines()[-1]
+    assert "| — | — | — |" in quick.stdout.strip().splitlines()[-1]
 
 
 def test_evaluate_refuses_params_it_sets_itself(monkeypatch):

