@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.evaluate import QUALITY_HEADER, describe_sampling, markdown_table, quality_row  # noqa: E402
+from training.evaluate import (QUALITY_HEADER, describe_sampling, markdown_table, precision_recall_cell,  # noqa: E402
+                               quality_row)
 from scripts.benchmark import table as benchmark_cells  # noqa: E402
 from scripts.nfe_curve import curve_table  # noqa: E402
 
@@ -59,8 +60,8 @@ def references_table(docs: Path) -> str:
     degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
     refs = json.loads((docs / "quality" / "fid_references.json").read_text())
     # + 0.0 turns a KID that rounds to -0.0 into 0.0000; a KID below -0.00005 keeps its sign
-    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}", precision_recall(r)]
-            for n, r in refs["test_vs_train_by_size"].items()]
+    rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}",
+             precision_recall_cell(r)] for n, r in refs["test_vs_train_by_size"].items()]
     fit = refs.get("test_vs_train_extrapolated")
     if fit:
         sizes = "/".join(f"{n / 1000:g}k" for n in fit["fitted_sizes"])
@@ -70,7 +71,7 @@ def references_table(docs: Path) -> str:
     sizes, largest = list(by_size), by_size[max(by_size, key=int)]
     ladder_rows = [[name, *(cell for n in sizes for cell in (f"{by_size[n][name]['fid']:.1f}",
                                                                f"{by_size[n][name]['kid']:.4f}",
-                                                               precision_recall(by_size[n][name]))),
+                                                               precision_recall_cell(by_size[n][name]))),
                     f"{entry['pixel_std']:.3f}", f"{entry['clipped_fraction']:.4f}"] for name, entry in largest.items()]
     reference = refs["reference"]
     ladder_rows.append([f"(the {reference['n']} training images of the reference)", *([""] * 3 * len(sizes)),
@@ -80,11 +81,6 @@ def references_table(docs: Path) -> str:
                      "pixel std", "clipped"]
     return (markdown_table(["real images vs 10k training images", "FID", "KID", "precision / recall"], rows) + "\n\n"
             + markdown_table(ladder_header, ladder_rows))
-
-
-def precision_recall(entry: dict) -> str:
-    """'precision / recall' of a reference entry, or — for one measured before they were."""
-    return f"{entry['precision']:.3f} / {entry['recall']:.3f}" if "precision" in entry else "—"
 
 
 def ood_table(docs: Path) -> str:

@@ -95,6 +95,7 @@ def test_a_collapsed_generator_has_full_precision_and_no_recall():
     real = torch.randn(500, 16, dtype=torch.float64)
     copies = real[:1].expand(500, -1)  # one real image drawn every time: its balls have radius 0
     assert precision_recall(real, copies) == (1.0, 1 / 500)
+    assert precision_recall(real, copies[:100]) == (1.0, 1 / 100)  # equal sets: the first 100 real points
 
 
 def test_pixel_statistics_see_flat_and_clipped_images():

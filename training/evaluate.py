@@ -48,8 +48,8 @@ from generators.pipelines import Pipeline, load_pipeline
 from training.classifiers import classify, load_classifier
 from training.common import ROOT, pick_eval_device
 from training.data import DEFAULT_PATHS, ImageDataset
-from training.fid import (CACHE_DIR, PR_NEIGHBOURS, frechet_distance, inception_features, kernel_inception_distance, load_inception,
-                          pixel_statistics, precision_recall, reference_features, real_subsets,
+from training.fid import (CACHE_DIR, PR_NEIGHBOURS, frechet_distance, inception_features, kernel_inception_distance,
+                          load_inception, pixel_statistics, precision_recall, reference_features, real_subsets,
                           within_class_spread)
 
 # model -> (data set its classifier and reference images come from, parameter that picks a class)
@@ -190,8 +190,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 # ---- the README's table (scripts/readme_tables.py renders all rows; main() prints its own)
 
 QUALITY_HEADER = ["model", "training steps", "sampling", "N vs real images (training unless marked)", "FID", "KID",
-                  f"precision / recall (k = {PR_NEIGHBOURS}, N vs N)", "class accuracy (worst class)", "pixel std (real)", "clipped (real)", "within-class spread (real)",
-                  "FID-M"]
+                  f"precision / recall (k = {PR_NEIGHBOURS}, N vs N)", "class accuracy (worst class)", "pixel std (real)",
+                  "clipped (real)", "within-class spread (real)", "FID-M"]
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -220,6 +220,11 @@ def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
     return f"Langevin {params['levels']} {spacing} levels, {corrector}, snr {params['snr']:g}" + guidance
 
 
+def precision_recall_cell(result: dict[str, Any]) -> str:
+    """'precision / recall' of a result or reference entry; — where they were not measured."""
+    return "—" if result.get("precision") is None else f"{result['precision']:.3f} / {result['recall']:.3f}"
+
+
 def quality_row(result: dict[str, Any], label: str) -> list[Any]:
     accuracy = result["class_accuracy"]
     real = result["real_pixels"]
@@ -227,7 +232,7 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
             f"{result['n_samples']} vs {result['reference']['n']}"
             + (" test" if result["reference"].get("split") == "test" else ""),
             "—" if result["fid"] is None else f"{result['fid']:.1f}", "—" if result["kid"] is None else f"{result['kid']:.4f}",
-            "—" if result.get("precision") is None else f"{result['precision']:.3f} / {result['recall']:.3f}",
+            precision_recall_cell(result),
             "—" if accuracy is None else f"{accuracy:.3f} ({min(result['per_class_accuracy']):.3f})",
             f"{result['pixel_std']:.3f} ({real['pixel_std']:.3f})",
             f"{result['clipped_fraction']:.4f} ({real['clipped_fraction']:.4f})",
@@ -276,8 +281,7 @@ def main() -> None:
         real_features = reference_features(inception, real, args.reference_size, cache_dir=args.fid_cache)
         fid = frechet_distance(real_features, features)
         kid, kid_std = kernel_inception_distance(real_features, features)
-        pr_size = min(len(features), len(real_features))  # equal sets: the first of the generated and reference
-        precision, recall = precision_recall(real_features[:pr_size], features[:pr_size], PR_NEIGHBOURS)
+        precision, recall = precision_recall(real_features, features)  # the first N reference images
     classifier_features, logits = classify(classifier, images, args.batch_size, device)
     reference_idx, _ = real_subsets(len(real), args.reference_size)
     fid_m = None
@@ -292,7 +296,8 @@ def main() -> None:
         "kid_std": kid_std,
         "precision": precision,
         "recall": recall,
-        "precision_recall": None if precision is None else {"n": pr_size, "k": PR_NEIGHBOURS},
+        "precision_recall": None if precision is None else {"n": min(len(images), args.reference_size),
+                                                            "k": PR_NEIGHBOURS},
         "n_samples": len(images),
         "reference": {"split": args.reference_split, "n": args.reference_size, "features": "Inception-v3 pool3 (TF 2015-12-05)"},
         **pixel_statistics(images),

@@ -115,7 +115,10 @@ def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = PR_NE
     around its points reaching their k-th nearest neighbour in the same set. Precision is the fraction of
     generated points inside the real manifold (are the images realistic?), recall the fraction of real points
     inside the generated one (is every kind of real image drawn?). FID mixes the two; guidance trades one for
-    the other. Like FID, both depend on the set sizes: compare them only at equal N, with equal-size sets."""
+    the other. Like FID, both depend on the set sizes, so the sets are compared at equal size (the first
+    min(len) points of each): read them only against figures at the same N."""
+    n = min(len(real), len(generated))
+    real, generated = real[:n], generated[:n]
     real_radii, generated_radii = _knn_radii(real, k, chunk), _knn_radii(generated, k, chunk)
     return _inside(generated, real, real_radii, chunk), _inside(real, generated, generated_radii, chunk)
 

@@ -79,7 +79,7 @@ def extrapolate(by_size: dict[str, dict], target: tuple[int, int] = (50000, 1000
 
 def entry(real: torch.Tensor, features: torch.Tensor, images: torch.Tensor | None = None) -> dict:
     kid, kid_std = kernel_inception_distance(real, features)
-    precision, recall = precision_recall(real[:len(features)], features)
+    precision, recall = precision_recall(real, features)  # the set against as many reference images
     out = {"n": len(features), "fid": frechet_distance(real, features), "kid": kid, "kid_std": kid_std,
            "precision": precision, "recall": recall}
     return out | (pixel_statistics(images) if images is not None else {})
