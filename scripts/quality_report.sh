@@ -28,6 +28,9 @@ D48463=$(checkpoint_at 64d5cb2 diffusion)
 
 if [[ $part == all || $part == references ]]; then
   $PY -m training.fid_references --n 1000 2000 --test-sizes 1000 2500 5000 10000   # ~1.5 h here
+  # MNIST, against the GAN's 1,000-digit reference (evaluate.py --model gan --reference-size 1000)
+  $PY -m training.fid_references --data ../shared/data/mnist.npz --reference-size 1000 --n 1000 --test-sizes 1000 \
+    --out docs/quality/fid_references_mnist.json
 fi
 if [[ $part == all || $part == sweeps ]]; then
   # diffusion guidance settings at N = 500 (KID is unbiased at this N; FID only compares at equal N): DDIM 20 steps,

@@ -6,8 +6,9 @@
 
 Quality rows come from checkpoints/<model>/quality.json (training/evaluate.py on the served
 weights), then docs/quality/<model>-*.json (baselines and other settings of the same script).
-The real-data reference ladder comes from docs/quality/fid_references.json (training/fid_references.py), the
-EBM's out-of-distribution table from docs/quality/ebm_ood.json (training/ebm_ood.py).
+The real-data reference ladders come from docs/quality/fid_references.json and fid_references_mnist.json
+(training/fid_references.py), the EBM's out-of-distribution table from docs/quality/ebm_ood.json
+(training/ebm_ood.py).
 Speed rows come from docs/sampling_speed.json (scripts/sample_report.py), the serving benchmark's from
 docs/benchmark.json (scripts/benchmark.py), the samplers' quality against cost from docs/quality/nfe_curve.json,
 ebm_nfe_curve.json and ebm_snr_guidance.json (scripts/nfe_curve.py). Each table sits between
@@ -55,10 +56,11 @@ def quality_table(checkpoints: Path, docs: Path) -> str:
     return markdown_table(QUALITY_HEADER, rows)
 
 
-def references_table(docs: Path) -> str:
+def references_table(path: Path, data: str) -> str:
     """Test images against the training reference by N (and the fit's 50k-vs-10k figure), then the ladder of
     degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
-    refs = json.loads((docs / "quality" / "fid_references.json").read_text())
+    refs = json.loads(path.read_text())
+    title = f"real {data} images vs {refs['reference']['n'] / 1000:g}k training images"
     # + 0.0 turns a KID that rounds to -0.0 into 0.0000; a KID below -0.00005 keeps its sign
     rows = [[f"test images, both sides {n}", f"{r['fid']:.2f}", f"{round(r['kid'], 4) + 0.0:.4f}",
              precision_recall_cell(r)] for n, r in refs["test_vs_train_by_size"].items()]
@@ -76,10 +78,10 @@ def references_table(docs: Path) -> str:
     reference = refs["reference"]
     ladder_rows.append([f"(the {reference['n']} training images of the reference)", *([""] * 3 * len(sizes)),
                         f"{reference['pixel_std']:.3f}", f"{reference['clipped_fraction']:.4f}"])
-    ladder_header = ["real images vs 10k training images",
+    ladder_header = [title,
                      *(h for n in sizes for h in (f"FID, N = {n}", f"KID, N = {n}", f"precision / recall, N = {n}")),
                      "pixel std", "clipped"]
-    return (markdown_table(["real images vs 10k training images", "FID", "KID", "precision / recall"], rows) + "\n\n"
+    return (markdown_table([title, "FID", "KID", "precision / recall"], rows) + "\n\n"
             + markdown_table(ladder_header, ladder_rows))
 
 
@@ -181,7 +183,10 @@ def main() -> None:
     args = parse_args()
     text = args.readme.read_text()
     updated = replace_between_markers(text, "quality-table", quality_table(args.checkpoints, args.docs))
-    updated = replace_between_markers(updated, "reference-table", references_table(args.docs))
+    updated = replace_between_markers(updated, "reference-table",
+                                      references_table(args.docs / "quality" / "fid_references.json", "CIFAR-10"))
+    updated = replace_between_markers(updated, "mnist-reference-table",
+                                      references_table(args.docs / "quality" / "fid_references_mnist.json", "MNIST"))
     updated = replace_between_markers(updated, "ood-table", ood_table(args.docs))
     updated = replace_between_markers(updated, "speed-table", speed_table(args.docs))
     updated = replace_between_markers(updated, "benchmark-table", benchmark_table(args.docs))
