@@ -1,8 +1,10 @@
 """Real-data references for the standard FID, to read every generator figure against.
 
     python -m training.fid_references                 # -> docs/quality/fid_references.json
+    python -m training.fid_references --data ../shared/data/mnist.npz --reference-size 1000 --n 1000 \
+        --test-sizes 1000 --out docs/quality/fid_references_mnist.json   # MNIST, against the GAN's reference
 
-Against the fixed 10k-image training reference of training/evaluate.py:
+Against the fixed training reference of training/evaluate.py (10k images by default):
 - test images at 2.5k, 5k and 10k per side (both sides subsampled), showing how FID shrinks with N, and
   the fit FID = a + c (1/n_test + 1/n_train) through them, extrapolated to the published 50k-vs-10k set-up;
 - at each --n (images per set): other training images, and those with contrast x1.4, blurred 2x and 4x
