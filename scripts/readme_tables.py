@@ -57,8 +57,9 @@ def quality_table(checkpoints: Path, docs: Path) -> str:
 
 
 def references_table(path: Path, data: str) -> str:
-    """Test images against the training reference by N (and the fit's 50k-vs-10k figure), then the ladder of
-    degraded sets with FID and KID at each N and the pixel statistics of its largest set."""
+    """One data set's references (a fid_references.py JSON): test images against the training reference by N
+    (and the fit's 50k-vs-10k figure, where there is one), then the ladder of degraded sets with FID, KID and
+    precision / recall at each N and the pixel statistics of its largest set."""
     refs = json.loads(path.read_text())
     title = f"real {data} images vs {refs['reference']['n'] / 1000:g}k training images"
     # + 0.0 turns a KID that rounds to -0.0 into 0.0000; a KID below -0.00005 keeps its sign
