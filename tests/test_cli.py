@@ -25,6 +25,7 @@ COMMANDS = {
     "-m training.fid_references": "--reference-size",
     "-m training.ebm_ood": "--set-default",
     "-m training.pack_data": "unpack",
+    "-m training.grow_unet": "--factor",
 }
 
 
