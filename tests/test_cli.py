@@ -16,6 +16,7 @@ COMMANDS = {
     "scripts/readme_tables.py": "--check",
     "scripts/sample_report.py": "--threads",
     "scripts/set_defaults.py": "NAME=VALUE",
+    "scripts/gpu_stretch.py": "collect",
     "-m training.train_diffusion": "--resume",
     "-m training.train_ebm": "--init-from",
     "-m training.train_gan": "--max-minutes",
