@@ -248,13 +248,16 @@ class DiffusionPipeline(Pipeline):
                   help="guide only at timesteps <= this (the first step is at the last timestep)"),
             Param("guidance_rescale", float, self.defaults.get("guidance_rescale", 0.0), 0.0, 1.0,
                   help="pull the guided image's contrast back toward the conditional one (0 = off)"),
+            Param("guidance_parallel", float, self.defaults.get("guidance_parallel", 1.0), 0.0, 1.0,
+                  help="weight of the guidance update along the conditional image itself (1 = plain guidance, "
+                       "0 = only the part orthogonal to it, which leaves its contrast alone)"),
         ]
 
     def guidance(self, params: dict[str, Any]) -> Guidance:
         if "class_label" not in params:
             return Guidance()
         return Guidance(params["guidance_scale"], params["guidance_t_min"], params["guidance_t_max"],
-                        params["guidance_rescale"])
+                        params["guidance_rescale"], params["guidance_parallel"])
 
     def check_work(self, params):
         if params.get("guidance_t_min", 0) > params.get("guidance_t_max", len(self.alpha_bar)):

@@ -71,6 +71,12 @@ if [[ $part == all || $part == sweeps ]]; then
   check guidance-from-t-1-at-2000 '{"guidance_scale": 4.5, "guidance_t_min": 1}'
   # unconditional samples (class_label "none"), against the random-class default's guided ones
   check unconditional-at-2000 '{"class_label": "none"}'
+  # 30 steps instead of 20 (56 evaluations per guided image instead of 37), at the served guidance and at 3.5
+  check 30-steps-at-2000 '{"steps": 30}'
+  check 30-steps-guidance-3.5-at-2000 '{"steps": 30, "guidance_scale": 3.5}'
+  # guidance without its update along the conditional image (guidance_parallel 0, "APG"), at 4.5 and at 6
+  check parallel-0-at-2000 '{"guidance_parallel": 0}'
+  check parallel-0-guidance-6-at-2000 '{"guidance_parallel": 0, "guidance_scale": 6}'
   # the EBM at its served default but with linspace levels (not adopted: README section 5), and unconditional
   $EVAL --model ebm --n-samples 500 --params '{"timestep_spacing": "linspace"}' --out docs/quality/ebm-sweep-linspace-guidance-4.json
   $EVAL --model ebm --n-samples 2000 --params '{"class_label": "none"}' --out docs/quality/ebm-unconditional-at-2000.json

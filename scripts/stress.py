@@ -351,6 +351,18 @@ def post(server: Server, path: str, body: bytes, content_type: str | None = "app
     return server.post_raw("", body, content_type, path=path)
 
 
+def frontend_form_decoder_error(response: requests.Response, content_type: str | None) -> bool:
+    """TorchServe 0.12's known 500: its frontend (Netty's form decoder) fails on a form body before any handler
+    runs (a malformed %-escape, bytes that are not UTF-8, a field whose name is empty once trimmed); README
+    section 3 and tests/test_reliability.py's strict xfail test keep it in view."""
+    if response.status_code != 500 or content_type != "application/x-www-form-urlencoded":
+        return False
+    try:
+        return response.json().get("type") == "ErrorDataDecoderException"
+    except ValueError:
+        return False
+
+
 def refusal_problem(response: requests.Response) -> str | None:
     """None when the answer is a 4xx with a message, else what is wrong with it."""
     if response.status_code >= 500:

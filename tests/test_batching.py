@@ -85,8 +85,9 @@ def test_incompatible_requests_are_grouped_apart_and_never_rejected(pipelines):
         {"seed": 9, "class_label": 6, "n_images": 4},               # 8: same as 3
         {"seed": 10, "steps": 5, "n_images": 2},                    # 9: same as 2
         {"seed": 11, "timestep_spacing": "linspace"},               # 10: other noise levels
+        {"seed": 12, "class_label": 7, "guidance_parallel": 0.0},   # 11: no update along the image
     ])
-    assert diffusion.groups(requests) == [[0, 7], [1], [2, 9], [3, 8], [4], [5], [6], [10]]
+    assert diffusion.groups(requests) == [[0, 7], [1], [2, 9], [3, 8], [4], [5], [6], [10], [11]]
     ebm = pipelines["ebm"]
     requests = validated(ebm, [
         {"seed": 1, "class_label": "none"}, {"seed": 2, "levels": 4}, {"seed": 3, "corrector_steps": 2}, {"seed": 4, "snr": 0.1},

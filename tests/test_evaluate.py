@@ -200,7 +200,7 @@ def test_samples_drawn_elsewhere_are_measured_as_if_drawn_here(classifiers, tmp_
     assert list((tmp_path / "elsewhere").iterdir()) == []  # measured samples are not kept
 
 
-def test_describe_sampling_names_a_guidance_interval_and_rescale():
+def test_describe_sampling_names_a_guidance_interval_rescale_and_parallel_weight():
     served = {"sampler": "dpm++2m", "steps": 20, "guidance_scale": 4.0, "guidance_t_min": 0, "guidance_t_max": 999,
               "guidance_rescale": 0.0}
     assert describe_sampling(served, True) == "DPM++2M 20 trailing steps, guidance 4"  # measured before the choice
@@ -210,3 +210,6 @@ def test_describe_sampling_names_a_guidance_interval_and_rescale():
     assert describe_sampling(limited, False) == "DPM++2M 20 linspace steps, unconditional"
     assert describe_sampling({**limited, "class_label": "random"}, True) == \
         "DPM++2M 20 linspace steps, random class per image, guidance 4 at t 167-882, rescale 0.7"
+    assert describe_sampling({**served, "guidance_parallel": 1.0}, True) == "DPM++2M 20 trailing steps, guidance 4"
+    assert describe_sampling({**served, "guidance_parallel": 0.0}, True) == \
+        "DPM++2M 20 trailing steps, guidance 4, parallel 0"

@@ -28,6 +28,19 @@ def test_full_rescale_gives_the_guided_x0_the_conditional_std():
     assert torch.allclose(x0.flatten(1).std(1), x0_cond.flatten(1).std(1), rtol=1e-4)
 
 
+def test_parallel_weight_removes_the_update_along_the_conditional_x0():
+    torch.manual_seed(1)
+    cond, null, x, a = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), 0.3
+    to_x0 = lambda eps: (x - (1 - a) ** 0.5 * eps) / a**0.5
+    plain = Guidance(scale=5.0).combine(cond, null, x, a)
+    assert torch.allclose(Guidance(scale=5.0, parallel=1.0).combine(cond, null, x, a), plain)
+    x0_cond = to_x0(cond)
+    update = to_x0(Guidance(scale=5.0, parallel=0.0).combine(cond, null, x, a)) - x0_cond
+    assert torch.allclose((update * x0_cond).flatten(1).sum(1), torch.zeros(2), atol=1e-3)
+    plain_update = to_x0(plain) - x0_cond
+    assert (update.flatten(1).norm(dim=1) < plain_update.flatten(1).norm(dim=1)).all()
+
+
 def test_interval_limits_the_guided_steps_and_their_cost(tmp_path):
     pipeline = load_pipeline(tiny_checkpoint(tmp_path / "d", "diffusion"))
     body = {"n_images": 2, "steps": 10, "class_label": "cat", "guidance_scale": 3.0}

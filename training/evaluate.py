@@ -213,6 +213,8 @@ def describe_sampling(params: dict[str, Any], conditional: bool) -> str:
         guidance += f" at t {t_min}-{t_max}"
     if conditional and params.get("guidance_rescale"):
         guidance += f", rescale {params['guidance_rescale']:g}"
+    if conditional and params.get("guidance_parallel", 1.0) != 1.0:
+        guidance += f", parallel {params['guidance_parallel']:g}"
     spacing = params.get("timestep_spacing", "trailing")
     if "sampler" in params:
         return f"{params['sampler'].upper()} {params['steps']} {spacing} steps" + guidance
