@@ -12,7 +12,7 @@ from generators.params import validate
 from generators.pipelines import load_pipeline
 from generators.unet import UNet, UNetConfig
 from tests.synthetic import CIFAR_CLASSES, tiny_checkpoint, write_npz
-from training.grow_unet import widen_unet
+from training.grow_unet import largest_difference, widen_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,15 @@ def test_widened_unet_computes_the_same_function(factor):
         expected, got = old(x, t, y), new(x, t, y)
     assert expected.abs().mean() > 0.1
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max())
+
+
+def test_a_widening_that_regroups_the_norms_is_caught():
+    # 24 channels form GroupNorm groups of 3 (gcd(16, 24) = 8 groups); at 48 there are 16 groups of 3 again, which
+    # now mix copies of different old channels: the check that guards the CLI must see the difference
+    old = randomized(UNetConfig(base_channels=24, channel_mults=(1, 2), attention_resolutions=()))
+    assert largest_difference(old, widen_unet(old, 2)) > 1e-3
+    good = randomized(UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(16,)))
+    assert largest_difference(good, widen_unet(good, 2)) < 1e-4
 
 
 def test_grown_checkpoint_samples_like_the_original_and_trains_on(tmp_path):

@@ -17,7 +17,9 @@ training then uses the new width. Why each piece still agrees:
   softmax scale: the query weights are divided by sqrt(k);
 - image channels in and out (the stem's input, the head's output) and class indices stay as they are.
 Copies start equal; `--noise` adds a little noise to the copied weights so training can tell them apart
-(dropout also does).
+(dropout also does). Before that, both networks run on random inputs and nothing is written unless their
+outputs agree to float rounding (a width whose GroupNorm groups would mix copies of different channels, such
+as 24 -> 48, does not).
 """
 from __future__ import annotations
 
@@ -94,6 +96,18 @@ def _match_timestep_frequencies(layer: nn.Linear, old_layer: nn.Linear, half: in
     layer.weight.copy_(weight)
 
 
+def largest_difference(old: UNet, new: UNet, images: int = 8, seed: int = 0) -> float:
+    """Largest output difference on random noisy images, relative to the outputs' largest value: near float
+    rounding when the widening kept the function (it would not for a GroupNorm whose groups change)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, old.config.in_channels, old.config.image_size, old.config.image_size, generator=generator)
+    t = torch.randint(0, 1000, (images,), generator=generator)
+    labels = torch.randint(0, old.config.num_classes + 1, (images,), generator=generator) if old.config.num_classes else None
+    with torch.no_grad():
+        expected, got = old.eval()(x, t, labels), new.eval()(x, t, labels)
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
 def add_noise(model: nn.Module, relative_std: float, generator: torch.Generator) -> None:
     with torch.no_grad():
         for param in model.parameters():
@@ -110,6 +124,9 @@ def main() -> None:
     old = UNet(UNetConfig.from_dict(config["unet"]))
     old.load_state_dict({name.removeprefix(prefix): value for name, value in weights.items()})
     new = widen_unet(old, args.factor)
+    difference = largest_difference(old, new)
+    if difference > 1e-4:
+        raise SystemExit(f"the widened network's outputs differ by {difference:.1e} of their size: not written")
     if args.noise:
         add_noise(new, args.noise, torch.Generator().manual_seed(args.seed))
     grown = dict(config, unet=new.config.to_dict(),
