@@ -3,6 +3,7 @@
 #   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
 #   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500 and 2,000)
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
+#   scripts/quality_report.sh levers     # only the levers no request parameter offers (N = 500, ~35 min)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 # With a GPU but without the data or the FID network there (the served 10k rows, the diffusion 10k rows drawn in
 # batches of 500 and the committed nfe and snr sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
@@ -82,6 +83,22 @@ if [[ $part == all || $part == sweeps ]]; then
   $EVAL --model ebm --n-samples 2000 --params '{"class_label": "none"}' --out docs/quality/ebm-unconditional-at-2000.json
   # the EBM's served default at that N, for its precision and recall beside the diffusion model's at 2,000
   $EVAL --model ebm --n-samples 2000 --out docs/quality/ebm-at-2000.json
+fi
+if [[ $part == all || $part == levers ]]; then
+  # levers that no request parameter offers (training/sampling_levers.py), on the served step-48463 weights at N = 500
+  # beside the served default at that N; none adopted (README section 5). Autoguidance by earlier committed weights
+  # of the same network (steps 19000, 11814, 3572), over every noise level; predicted noise scaled by 1/1.005 and
+  # 1/0.995; the weights averaged with those of step 39441 (the end of the stretch before, also annealed).
+  LEVER="$PY -m training.sampling_levers"
+  at500() { echo "--model diffusion --checkpoint $D48463 --n-samples 500 --out docs/quality/diffusion-step-48463-$1-at-500.json"; }
+  $EVAL $(at500 served)
+  $LEVER --autoguide-with "$(checkpoint_at 2bb697b diffusion)" $(at500 autoguided-by-step-19000) --params '{"guidance_scale": 2, "guidance_t_max": 999}'
+  $LEVER --autoguide-with "$(checkpoint_at 0138002 diffusion)" $(at500 autoguided-by-step-11814) --params '{"guidance_scale": 3, "guidance_t_max": 999}'
+  $LEVER --autoguide-with "$(checkpoint_at 05451c8 diffusion)" $(at500 autoguided-by-step-3572) --params '{"guidance_scale": 2.5, "guidance_t_max": 999}'
+  $LEVER --eps-scale 1.005 $(at500 eps-scale-1.005)
+  $LEVER --eps-scale 0.995 $(at500 eps-scale-0.995)
+  $LEVER --average-with "$D39441" --average-weight 0.5 $(at500 averaged-0.5-with-step-39441)
+  $LEVER --average-with "$D39441" --average-weight 0.75 $(at500 averaged-0.75-with-step-39441)
 fi
 if [[ $part == all || $part == nfe ]]; then
   # KID/FID at 5-100 steps per sampler, +-guidance, and 1000-step DDPM; the EBM: 5-40 levels x 0-2 corrector

@@ -27,6 +27,7 @@ COMMANDS = {
     "-m training.ebm_ood": "--set-default",
     "-m training.pack_data": "unpack",
     "-m training.grow_unet": "--factor",
+    "-m training.sampling_levers": "--autoguide-with",
 }
 
 

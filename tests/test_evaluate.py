@@ -213,3 +213,18 @@ def test_describe_sampling_names_a_guidance_interval_rescale_and_parallel_weight
     assert describe_sampling({**served, "guidance_parallel": 1.0}, True) == "DPM++2M 20 trailing steps, guidance 4"
     assert describe_sampling({**served, "guidance_parallel": 0.0}, True) == \
         "DPM++2M 20 trailing steps, guidance 4, parallel 0"
+
+
+def test_a_lever_is_measured_named_and_kept_apart(classifiers, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "diffusion", "diffusion")
+    common = ["--model", "diffusion", "--checkpoint", str(checkpoint), "--classifier",
+              str(classifiers["cifar10"] / "clf"), "--data", str(classifiers["cifar10"] / "data.npz"), "--n-samples",
+              "20", "--reference-size", "16", "--batch-size", "10", "--no-fid", "--progress-dir",
+              str(tmp_path / "progress")]
+    result = run("training.sampling_levers", "--eps-scale", "1.5", *common, "--out", str(tmp_path / "lever.json"))
+    report = json.loads((tmp_path / "lever.json").read_text())
+    assert report["lever"] == "predicted noise / 1.5"
+    assert "guidance 2; predicted noise / 1.5 |" in result.stdout.strip().splitlines()[-1]
+    args = evaluate.parser.parse_args(common)
+    lever = evaluate.Lever(report["lever"], lambda pipeline: None)
+    assert evaluate.progress_path(args, "sha", {}, lever) != evaluate.progress_path(args, "sha", {})

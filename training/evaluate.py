@@ -31,8 +31,9 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -84,6 +85,14 @@ parser.add_argument("--no-fid", action="store_true",
                          "left empty (a cheap check at large N, where Inception would take most of the time)")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+@dataclass(frozen=True)
+class Lever:
+    """A change to the loaded pipeline that no request parameter makes (training/sampling_levers.py); `description`
+    names it in the result, its README row and its samples' progress key."""
+    description: str
+    apply: Callable[[Pipeline], None]
 
 
 # ---- the measures
@@ -157,11 +166,14 @@ def resolved_params(pipeline: Pipeline, body: dict[str, Any]) -> dict[str, Any]:
     return dict(resolved, **UNCONDITIONAL) if body.get("class_label") == NO_CLASS else resolved
 
 
-def progress_path(args: argparse.Namespace, weights_sha256: str | None, params: dict[str, Any]) -> Path:
+def progress_path(args: argparse.Namespace, weights_sha256: str | None, params: dict[str, Any],
+                  lever: Lever | None = None) -> Path:
     """Where sample() keeps an unfinished run's batches: named by everything that decides them (`params` with the
     checkpoint's defaults filled in, so a changed default starts afresh)."""
     settings = {"model": args.model, "weights": weights_sha256, "params": params, "n": args.n_samples,
                 "batch_size": args.batch_size, "seed": args.seed}
+    if lever is not None:
+        settings["lever"] = lever.description
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return args.progress_dir / f"{args.model}-{key}"
 
@@ -230,7 +242,10 @@ def precision_recall_cell(result: dict[str, Any]) -> str:
 def quality_row(result: dict[str, Any], label: str) -> list[Any]:
     accuracy = result["class_accuracy"]
     real = result["real_pixels"]
-    return [label, result["generator"]["steps"], describe_sampling(result["sampling_params"], accuracy is not None),
+    sampling = describe_sampling(result["sampling_params"], accuracy is not None)
+    if result.get("lever"):
+        sampling += f"; {result['lever']}"
+    return [label, result["generator"]["steps"], sampling,
             f"{result['n_samples']} vs {result['reference']['n']}"
             + (" test" if result["reference"].get("split") == "test" else ""),
             "—" if result["fid"] is None else f"{result['fid']:.1f}", "—" if result["kid"] is None else f"{result['kid']:.4f}",
@@ -243,8 +258,9 @@ def quality_row(result: dict[str, Any], label: str) -> list[Any]:
             "—" if result.get("fid_m") is None else f"{result['fid_m']:.2f}"]
 
 
-def main() -> None:
-    args = parser.parse_args()
+def main(argv: list[str] | None = None, lever: Lever | None = None) -> None:
+    """Measure with the command line `argv` (default: sys.argv), the pipeline changed by `lever` when given."""
+    args = parser.parse_args(argv)
     started = time.monotonic()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,12 +277,14 @@ def main() -> None:
     pipeline = load_pipeline(checkpoint, device)
     if pipeline.model_type != args.model:
         raise SystemExit(f"{checkpoint} holds a {pipeline.model_type} model, not {args.model}")
+    if lever is not None:
+        lever.apply(pipeline)
     classifier, classifier_config = load_classifier(args.classifier or ROOT / "checkpoints" / "classifiers" / dataset,
                                                     device)
     if classifier_config["dataset"] != dataset:
         raise SystemExit(f"{args.model} is measured with a {dataset} classifier, not {classifier_config['dataset']}")
     sampling_params = resolved_params(pipeline, body)
-    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), sampling_params)
+    progress_dir = progress_path(args, pipeline.config.get("weights_sha256"), sampling_params, lever)
     images, labels = sample(pipeline, body, class_param, classifier.config.num_classes, args.n_samples,
                             args.batch_size, args.seed, progress_dir)
     if args.sample_only:
@@ -312,6 +330,7 @@ def main() -> None:
         "real_within_class_spread": within_class_spread(real.images[reference_idx], real.labels[reference_idx]),
         "seed": args.seed,
         "sampling_params": sampling_params,
+        "lever": None if lever is None else lever.description,
         "generator": {"checkpoint": str(checkpoint), "steps": generator_training.get("steps"),
                       "weights_sha256": pipeline.config.get("weights_sha256")},
         "classifier": {"dataset": dataset, "test_accuracy": classifier_config.get("test_accuracy"),
