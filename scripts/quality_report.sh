@@ -3,7 +3,7 @@
 #   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
 #   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500 and 2,000)
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
-#   scripts/quality_report.sh levers     # only the levers no request parameter offers (N = 500, ~35 min)
+#   scripts/quality_report.sh levers     # only the levers no request parameter offers (N = 500; 31 min of 2 EPYC cores)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 # With a GPU but without the data or the FID network there (the served 10k rows, the diffusion 10k rows drawn in
 # batches of 500 and the committed nfe and snr sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
