@@ -10,6 +10,7 @@ are re-exported for the tests.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import pytest
@@ -18,6 +19,16 @@ from scripts.local_server import (  # noqa: F401
     CHECKPOINTS, HTTP_TIMEOUT, MODELS, ROOT, STARTUP_TIMEOUT, VENV_BIN, VERSION, Server, build_archives,
     free_ports, run_archive, running_server, snapshot_and_build_archives, stop_server, wait_ready, write_config,
 )
+
+
+def stop_like_ctrl_c(signum: int, frame) -> None:
+    """A SIGTERM (a CI time limit, a `kill`) unwinds the run like Ctrl-C, through every `finally` and fixture
+    teardown, so no TorchServe the tests started outlives them; by default it would end pytest on the spot."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
 
 @pytest.fixture(scope="session")
