@@ -3,7 +3,7 @@
 #   scripts/quality_report.sh            # all of it (hours on a 2-core CPU: see README section 5)
 #   scripts/quality_report.sh sweeps     # only the guidance and spacing sweeps (N = 500 and 2,000)
 #   scripts/quality_report.sh nfe        # only the samplers' quality against steps (resumable)
-#   scripts/quality_report.sh levers     # only the levers no request parameter offers (N = 500; 31 min of 2 EPYC cores)
+#   scripts/quality_report.sh levers     # only the levers no request parameter offers (N = 500; 40 min of 2 EPYC cores)
 # Stop training first: a run beside it halves every figure's speed and skews the timings.
 # With a GPU but without the data or the FID network there (the served 10k rows, the diffusion 10k rows drawn in
 # batches of 500 and the committed nfe and snr sweeps were drawn so): run the sampling commands there with --sample-only --device cuda, copy runs/eval_progress/ back, and
@@ -87,16 +87,15 @@ fi
 if [[ $part == all || $part == levers ]]; then
   # levers that no request parameter offers (training/sampling_levers.py), on the served step-48463 weights at N = 500
   # beside the served default at that N; none adopted (README section 5). Autoguidance by earlier committed weights
-  # of the same network (steps 19000, 11814, 3572), over every noise level; predicted noise scaled by 1/1.005 and
-  # 1/0.995; the weights averaged with those of step 39441 (the end of the stretch before, also annealed).
+  # of the same network (steps 19000, 11814, 3572), over every noise level; predicted noise scaled by 1/1.015,
+  # 1/1.005, 1/0.995 and 1/0.99; the weights averaged with those of step 39441 (the end of the stretch before, also annealed).
   LEVER="$PY -m training.sampling_levers"
   at500() { echo "--model diffusion --checkpoint $D48463 --n-samples 500 --out docs/quality/diffusion-step-48463-$1-at-500.json"; }
   $EVAL $(at500 served)
   $LEVER --autoguide-with "$(checkpoint_at 2bb697b diffusion)" $(at500 autoguided-by-step-19000) --params '{"guidance_scale": 2, "guidance_t_max": 999}'
   $LEVER --autoguide-with "$(checkpoint_at 0138002 diffusion)" $(at500 autoguided-by-step-11814) --params '{"guidance_scale": 3, "guidance_t_max": 999}'
   $LEVER --autoguide-with "$(checkpoint_at 05451c8 diffusion)" $(at500 autoguided-by-step-3572) --params '{"guidance_scale": 2.5, "guidance_t_max": 999}'
-  $LEVER --eps-scale 1.005 $(at500 eps-scale-1.005)
-  $LEVER --eps-scale 0.995 $(at500 eps-scale-0.995)
+  for factor in 1.015 1.005 0.995 0.99; do $LEVER --eps-scale $factor $(at500 eps-scale-$factor); done
   $LEVER --average-with "$D39441" --average-weight 0.5 $(at500 averaged-0.5-with-step-39441)
   $LEVER --average-with "$D39441" --average-weight 0.75 $(at500 averaged-0.75-with-step-39441)
 fi

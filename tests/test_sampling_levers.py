@@ -1,6 +1,9 @@
 """The levers measured beside the served sampling settings (training/sampling_levers.py)."""
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from generators.checkpoint import load_checkpoint, save_checkpoint
@@ -68,3 +71,11 @@ def test_weight_average_is_the_weighted_mean_of_the_two_checkpoints(tmp_path):
         weight_average(other, weight).apply(pipeline)
         for name, value in pipeline.unet.state_dict().items():
             assert torch.allclose(value, weight * a[name] + (1 - weight) * b[name], atol=1e-6), (weight, name)
+
+
+@pytest.mark.parametrize("arguments", [["--eps-scale", "1.01", "--average-weight", "0.5"],
+                                       ["--average-with", "somewhere", "--average-weight", "1.5"]])
+def test_an_average_weight_needs_its_lever_and_a_share(arguments):
+    result = subprocess.run([sys.executable, "-m", "training.sampling_levers", *arguments, "--model", "diffusion"],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--average-weight goes with --average-with and lies in 0..1" in result.stderr

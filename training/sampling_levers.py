@@ -37,7 +37,8 @@ lever_choice = parser.add_mutually_exclusive_group(required=True)
 lever_choice.add_argument("--autoguide-with", type=Path, help="checkpoint of the weaker guiding network")
 lever_choice.add_argument("--eps-scale", type=float, help="divide every predicted noise by this")
 lever_choice.add_argument("--average-with", type=Path, help="checkpoint to average the served weights with")
-parser.add_argument("--average-weight", type=float, default=0.5, help="the served weights' share in the average")
+parser.add_argument("--average-weight", type=float, default=None,
+                    help="the served weights' share in the average, 0..1 (default 0.5)")
 
 
 class AutoGuided(nn.Module):
@@ -109,12 +110,14 @@ def weight_average(other_dir: Path, weight: float) -> Lever:
 
 def main() -> None:
     args, rest = parser.parse_known_args()
+    if args.average_weight is not None and (args.average_with is None or not 0.0 <= args.average_weight <= 1.0):
+        parser.error("--average-weight goes with --average-with and lies in 0..1")
     if args.autoguide_with:
         lever = autoguidance(args.autoguide_with)
     elif args.eps_scale is not None:
         lever = eps_scaling(args.eps_scale)
     else:
-        lever = weight_average(args.average_with, args.average_weight)
+        lever = weight_average(args.average_with, 0.5 if args.average_weight is None else args.average_weight)
     evaluate.main(rest, lever)
 
 
